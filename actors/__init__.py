@@ -1,0 +1,1 @@
+"""Plumbing between roles: trajectory queue, rollout coordinator, weight broadcast."""

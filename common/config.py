@@ -1,0 +1,192 @@
+"""The one typed config of a run. Defaults are the paper's values (SimpleVLA-RL on LIBERO).
+
+Every section forbids unknown keys, so a typo fails at load time with the allowed names;
+cross-field rules live in model validators next to the fields they relate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TowerConfig(Section):
+    """Size of a randomly initialised transformer (ignored when loading a checkpoint)."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(2, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0, description="LLM only; None = num_heads")
+    intermediate_size: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class PolicyConfig(Section):
+    architecture: Literal["openvla-oft"] = "openvla-oft"
+    path: Path | None = Field(None, description="local checkpoint folder (HF layout); None = random init")
+    vision_backbone: Literal["siglip", "dinov2", "dinosiglip"] = "dinosiglip"
+    image_size: int = Field(224, ge=28)
+    patch_size: int = Field(14, ge=2)
+    vision: TowerConfig = TowerConfig()
+    llm: TowerConfig = TowerConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256)
+    action_bins: Literal[256] = 256
+    action_chunk: int = Field(8, gt=0)
+    action_dims: int = Field(7, gt=0)
+    unnorm_key: str | None = None
+    attention: Literal["bidirectional", "causal"] = "bidirectional"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _patches_tile_image(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        return self
+
+
+class InitStateConfig(Section):
+    """Which initial states train and which evaluate. `disjoint` keeps them apart (no leakage);
+    `paper` trains and evaluates on the same states, as the original does."""
+
+    split: Literal["disjoint", "paper"] = "disjoint"
+    num_train: int = Field(50, gt=0)
+    num_eval: int = Field(50, gt=0)
+
+
+class EnvConfig(Section):
+    backend: Literal["tabletop", "libero", "maniskill"] = "libero"
+    suite: str = "libero_spatial"
+    tasks: list[str] | None = Field(None, description="task names; None = every task of the suite")
+    image_size: int = Field(224, ge=16)
+    max_steps: int = Field(512, gt=0, description="env steps per episode")
+    num_steps_wait: int = Field(10, ge=0)
+    step_timeout_s: float = Field(30.0, gt=0)
+    init_states: InitStateConfig = InitStateConfig()
+
+
+class RolloutConfig(Section):
+    group_size: int = Field(8, ge=2)
+    temperature: float = Field(1.6, gt=0)
+    groups_per_batch: int = Field(64, gt=0)
+    min_group_success: float = Field(0.1, ge=0, le=1)
+    max_group_success: float = Field(0.9, ge=0, le=1)
+    max_policy_lag: int = Field(0, ge=0, description="0 = strict on-policy (the paper)")
+    keep_surplus: bool = True
+    max_rounds: int = Field(50, gt=0, description="rollout rounds per step before giving up on filling the batch")
+    queue_capacity: int = Field(1024, gt=0)
+    rollout_timeout_s: float = Field(900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self):
+        if self.min_group_success > self.max_group_success:
+            raise ValueError(
+                f"min_group_success {self.min_group_success} must be <= max_group_success {self.max_group_success}"
+            )
+        return self
+
+
+class LearnerConfig(Section):
+    lr: float = Field(5e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_low: float = Field(0.2, gt=0, lt=1)
+    clip_high: float = Field(0.28, gt=0)
+    mini_batch_size: int = Field(128, gt=0, description="trajectories per optimiser step")
+    micro_batch_size: int = Field(8, gt=0, description="trajectories per forward/backward per rank")
+    epochs: int = Field(1, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2] = 2
+    sync_every: int = Field(1, gt=0)
+    recompute_old_logprobs: bool = False
+
+    @model_validator(mode="after")
+    def _micro_divides_mini(self):
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"mini_batch_size {self.mini_batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}"
+            )
+        return self
+
+
+class SFTConfig(Section):
+    demos_per_task: int = Field(1, gt=0)
+    steps: int = Field(500, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, gt=0)
+    dataset: Path | None = Field(None, description="folder of robomimic/LIBERO HDF5 files; None = record experts")
+
+
+class EvalConfig(Section):
+    episodes_per_task: int | None = Field(None, gt=0, description="None = every eval initial state")
+    videos: int = Field(2, ge=0)
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(None, description="Ray address; None starts a local cluster")
+    num_env_workers: int = Field(2, gt=0)
+    envs_per_worker: int = Field(4, gt=0)
+    serve_replicas: int = Field(1, gt=0)
+    learner_world_size: int = Field(1, gt=0)
+    env_worker_cpus: float = Field(1.0, ge=0)
+    replica_cpus: float = Field(1.0, ge=0)
+    replica_gpus: float = Field(0.0, ge=0)
+    learner_cpus: float = Field(1.0, ge=0)
+    learner_gpus: float = Field(0.0, ge=0)
+    comm_backend: Literal["gloo", "nccl"] = "gloo"
+    resources: dict[Literal["sim", "inference", "learner"], str] = Field(
+        default_factory=dict, description="role -> custom Ray resource name that pins it to a node group"
+    )
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    metrics_port: int | None = Field(None, ge=1024, le=65535)
+    console: bool = True
+
+
+class CheckpointConfig(Section):
+    every: int = Field(10, gt=0, description="RL steps between checkpoints")
+    keep: int = Field(2, gt=0)
+    resume: bool = False
+
+
+class RunConfig(Section):
+    run_dir: Path = Path("runs/default")
+    seed: int = 0
+    total_steps: int = Field(100, gt=0, description="RL steps")
+    policy: PolicyConfig = PolicyConfig()
+    env: EnvConfig = EnvConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _batch_splits_into_minibatches(self):
+        batch = self.rollout.groups_per_batch * self.rollout.group_size
+        if batch % self.learner.mini_batch_size:
+            raise ValueError(
+                f"rollout batch (groups_per_batch x group_size = {batch}) must be a multiple of "
+                f"learner.mini_batch_size {self.learner.mini_batch_size}"
+            )
+        per_rank = self.learner.micro_batch_size * self.cluster.learner_world_size
+        if self.learner.mini_batch_size % per_rank:
+            raise ValueError(
+                f"learner.mini_batch_size {self.learner.mini_batch_size} must be a multiple of "
+                f"micro_batch_size x cluster.learner_world_size = {per_rank}"
+            )
+        return self

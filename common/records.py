@@ -1,0 +1,68 @@
+"""Records that cross role boundaries (env workers <-> policy service <-> coordinator <-> learner).
+
+Plain dataclasses of numpy arrays: cheap to pickle into the Ray object store, no torch needed
+by the simulators. Each is defined here once and imported by every role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Observation:
+    image: np.ndarray  # [H, W, 3] uint8, as the env renders it (the policy's processor resizes)
+    instruction: str
+    proprio: np.ndarray | None = None  # [P] float32
+
+
+@dataclass
+class StepResult:
+    observation: Observation
+    success: bool
+    done: bool  # success or step limit reached
+
+
+@dataclass
+class ActionChunk:
+    tokens: np.ndarray  # [chunk, dims] int64 action-token ids
+    logprobs: np.ndarray  # [chunk, dims] float32, under the sampling temperature
+    actions: np.ndarray  # [chunk, dims] float32, un-normalised env actions
+    policy_version: int
+
+
+@dataclass
+class Trajectory:
+    """One finished episode. Images are stored once per policy query (one per chunk)."""
+
+    task: str
+    init_state: int
+    instruction: str
+    images: np.ndarray  # [T, H, W, 3] uint8, T = policy queries
+    tokens: np.ndarray  # [T, chunk, dims] int64
+    logprobs: np.ndarray  # [T, chunk, dims] float32 (rollout-time "old" log-probs)
+    executed: np.ndarray  # [T, chunk] bool: action was stepped before the episode ended
+    success: bool
+    env_steps: int
+    policy_version: int  # oldest version that produced any of its chunks
+    proprio: np.ndarray | None = None  # [T, P] float32
+    group: tuple[str, int] = field(init=False)
+
+    def __post_init__(self):
+        self.group = (self.task, self.init_state)
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.images, self.tokens, self.logprobs, self.executed))
+
+
+@dataclass
+class WeightVersion:
+    version: int
+    learner_step: int
+    state_ref: object = None  # ObjectRef of a {name: tensor} dict in the object store (object-store backend)

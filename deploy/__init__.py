@@ -1,0 +1,1 @@
+"""Entry points: train, eval, serve, sft, demo."""

@@ -1,0 +1,1 @@
+"""Simulators behind one episode API, scripted experts, demonstrations."""

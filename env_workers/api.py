@@ -1,0 +1,36 @@
+"""The one episode API every simulator backend implements (built-in tabletop, LIBERO, SAPIEN).
+
+gymnasium-like, but episode-shaped: `reset(task, init_state)` picks the task and a fixed,
+seeded initial state, so GRPO groups can roll out the same start n times.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from common.records import Observation, StepResult
+
+Split = Literal["train", "eval"]
+
+
+@runtime_checkable
+class EpisodeEnv(Protocol):
+    action_dim: int  # 7 for LIBERO-style (dx, dy, dz, droll, dpitch, dyaw, gripper)
+
+    @property
+    def task_names(self) -> list[str]: ...
+
+    def instruction(self, task: str) -> str: ...
+
+    def init_states(self, task: str, split: Split) -> list[int]:
+        """Indices of the task's fixed initial states of that split (train and eval are disjoint
+        unless the config asks for the paper's shared split)."""
+
+    def reset(self, task: str, init_state: int) -> Observation: ...
+
+    def step(self, action: np.ndarray) -> StepResult:
+        """Apply one env action ([action_dim] float); `done` once success or the step limit."""
+
+    def close(self) -> None: ...

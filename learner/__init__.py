@@ -1,0 +1,1 @@
+"""GRPO and SFT training (DeepSpeed): losses, advantages, micro-batching, checkpoints."""

@@ -1,0 +1,1 @@
+"""The VLA policy: OpenVLA-OFT-style model, action tokenizer, processor, checkpoints."""

@@ -1,0 +1,128 @@
+"""Policy folders in Hugging Face layout, read from local disk only (never a hub, never pickle).
+
+    config.json                  model_type "openvla", architecture, norm_stats, text_config
+    model.safetensors            weights (Prismatic parameter names for projector / language model)
+    tokenizer files              as written by the tokenizer's save_pretrained
+    preprocessor_config.json     image size + per-tower normalisation
+    dataset_statistics.json      {unnorm_key: {"action": {q01, q99, mask, ...}, ...}}
+Writes are atomic: everything goes to a temporary sibling folder that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+import transformers
+
+from common.config import PolicyConfig
+from policy.modeling import OpenVLAOFTPolicy, VLAConfig
+from policy.processor import ImageProcessor
+from policy.tiny import default_norm_stats, llama_tokenizer
+from policy.vla import VLAPolicy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def arch_from_config(cfg: PolicyConfig) -> VLAConfig:
+    llm = cfg.llm
+    text = dict(
+        hidden_size=llm.hidden_size,
+        intermediate_size=llm.intermediate_size,
+        num_hidden_layers=llm.num_layers,
+        num_attention_heads=llm.num_heads,
+        num_key_value_heads=llm.num_kv_heads or llm.num_heads,
+        max_position_embeddings=2048,
+        pad_token_id=32000,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    v = cfg.vision
+    return VLAConfig(
+        vision_backbone=cfg.vision_backbone,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        vision=dict(hidden_size=v.hidden_size, num_layers=v.num_layers, num_heads=v.num_heads, intermediate_size=v.intermediate_size),
+        text_config=text,
+        n_action_bins=cfg.action_bins,
+        action_chunk=cfg.action_chunk,
+        action_dims=cfg.action_dims,
+        attention=cfg.attention,
+    )
+
+
+def build_policy(cfg: PolicyConfig, norm_stats: dict | None = None, seed: int = 0) -> VLAPolicy:
+    """A randomly initialised policy of the configured size (tests, SFT from scratch)."""
+    arch = arch_from_config(cfg)
+    torch.manual_seed(seed)
+    model = OpenVLAOFTPolicy(arch).to(DTYPES[cfg.dtype])
+    processor = ImageProcessor.for_towers(arch.tower_names, arch.image_size)
+    stats = norm_stats or default_norm_stats(arch.action_dims)
+    return VLAPolicy(model, llama_tokenizer(), processor, stats, cfg.unnorm_key)
+
+
+def save_policy(policy: VLAPolicy, folder: str | Path) -> Path:
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arch = policy.model.config
+    config = {
+        "model_type": "openvla",
+        "architectures": ["OpenVLAOFTPolicy"],
+        "vla_grpo_arch": arch.to_dict(),
+        "n_action_bins": arch.n_action_bins,
+        "pad_to_multiple_of": arch.pad_to_multiple_of,
+        "text_config": arch.text_config,
+        "norm_stats": policy.norm_stats,
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in policy.model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    policy.tokenizer.save_pretrained(str(tmp))
+    policy.image_processor.save(tmp)
+    (tmp / "dataset_statistics.json").write_text(json.dumps(policy.norm_stats, indent=2))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+def load_policy(folder: str | Path, unnorm_key: str | None = None, dtype: str = "float32") -> VLAPolicy:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a policy folder (no config.json); checkpoints load from local disk only")
+    config = json.loads((folder / "config.json").read_text())
+    if "vla_grpo_arch" not in config:
+        raise ValueError(f"{folder}/config.json is not a vla-grpo policy (official OpenVLA layouts: see docs)")
+    model = OpenVLAOFTPolicy(VLAConfig(**config["vla_grpo_arch"]))
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{folder} has no .safetensors weights (pickle checkpoints are not loaded)")
+    state = {}
+    for shard in shards:
+        state.update(load_file(str(shard)))
+    model.load_state_dict(state, strict=True)
+    model.to(DTYPES[dtype])
+    stats_file = folder / "dataset_statistics.json"
+    norm_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else config.get("norm_stats", {})
+    tokenizer = _load_tokenizer(folder)
+    return VLAPolicy(model, tokenizer, ImageProcessor.load(folder), norm_stats, unnorm_key)
+
+
+def _load_tokenizer(folder: Path):
+    """The class named in tokenizer_config.json (AutoTokenizer would read config.json's model_type)."""
+    meta_file = folder / "tokenizer_config.json"
+    name = json.loads(meta_file.read_text()).get("tokenizer_class") if meta_file.is_file() else None
+    cls = getattr(transformers, name or "", None) or transformers.LlamaTokenizer
+    return cls.from_pretrained(str(folder), local_files_only=True)

@@ -1,0 +1,184 @@
+"""The OpenVLA-OFT-style policy: vision tower(s) -> MLP projector -> Llama, decoding a whole chunk
+of `chunk x dims` action tokens in ONE forward pass.
+
+Sequence per sample (right-padded in a batch):
+    [BOS] [P patch embeddings] [prompt tokens ... "▁"] [chunk*dims zero placeholders] [</s>]
+The logits of action token k are read one position earlier (next-token shift), restricted to the
+256 action ids, and attention is bidirectional over the whole sequence (padding masked), as in
+OpenVLA-OFT; `attention="causal"` is kept for ablations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import (
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+NUM_DINO_REGISTERS = 4  # Prismatic uses DINOv2 ViT-L/14 with 4 registers
+
+
+@dataclass
+class VLAConfig:
+    vision_backbone: str = "dinosiglip"  # siglip | dinov2 | dinosiglip (fused, channel-wise concat)
+    image_size: int = 224
+    patch_size: int = 14
+    vision: dict = field(default_factory=lambda: dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128))
+    text_config: dict = field(default_factory=dict)  # LlamaConfig kwargs
+    vocab_size: int = 32000  # real vocabulary; the LM head is padded to a multiple of 64
+    pad_to_multiple_of: int = 64
+    n_action_bins: int = 256
+    action_chunk: int = 8
+    action_dims: int = 7
+    attention: str = "bidirectional"
+
+    @property
+    def num_action_tokens(self) -> int:
+        return self.action_chunk * self.action_dims
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tower_names(self) -> list[str]:
+        return {"siglip": ["siglip"], "dinov2": ["dinov2"], "dinosiglip": ["dinov2", "siglip"]}[self.vision_backbone]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build_tower(kind: str, cfg: VLAConfig) -> nn.Module:
+    v = cfg.vision
+    common = dict(
+        hidden_size=v["hidden_size"],
+        num_hidden_layers=v["num_layers"],
+        num_attention_heads=v["num_heads"],
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+    if kind == "siglip":
+        return SiglipVisionModel(SiglipVisionConfig(intermediate_size=v["intermediate_size"], **common))
+    return Dinov2WithRegistersModel(
+        Dinov2WithRegistersConfig(
+            mlp_ratio=v["intermediate_size"] / v["hidden_size"], num_register_tokens=NUM_DINO_REGISTERS, **common
+        )
+    )
+
+
+class VisionBackbone(nn.Module):
+    """Patch features from the second-to-last block of each tower (Prismatic's choice), prefix
+    tokens (CLS, registers) dropped, towers concatenated channel-wise. Input channels: 3 per tower,
+    stacked in `tower_names` order (DINOv2 first)."""
+
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        names = cfg.tower_names
+        self.tower_kinds = names
+        self.featurizer = _build_tower(names[0], cfg)
+        self.fused_featurizer = _build_tower(names[1], cfg) if len(names) > 1 else None
+        self.embed_dim = cfg.vision["hidden_size"] * len(names)
+
+    @staticmethod
+    def _patches(tower: nn.Module, kind: str, pixels: torch.Tensor) -> torch.Tensor:
+        out = tower(pixel_values=pixels, output_hidden_states=True)
+        hidden = out.hidden_states[-2]  # [B, prefix + P, D]
+        prefix = 1 + NUM_DINO_REGISTERS if kind == "dinov2" else 0
+        return hidden[:, prefix:]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3 * towers, H, W] -> [B, P, D]
+        feats = [self._patches(self.featurizer, self.tower_kinds[0], pixel_values[:, :3])]
+        if self.fused_featurizer is not None:
+            feats.append(self._patches(self.fused_featurizer, self.tower_kinds[1], pixel_values[:, 3:6]))
+        return torch.cat(feats, dim=-1)
+
+
+class Projector(nn.Module):
+    """Prismatic's `gelu-mlp` (one tower) or `fused-gelu-mlp` (two towers); names fc1/fc2/fc3."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, fused: bool):
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
+            self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
+            self.fc3 = nn.Linear(llm_dim, llm_dim)
+        else:
+            self.fc1 = nn.Linear(vision_dim, llm_dim)
+            self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc2(F.gelu(self.fc1(x)))
+        return self.fc3(F.gelu(x)) if self.fused else x
+
+
+def padded_vocab(cfg: VLAConfig) -> int:
+    """OpenVLA adds one <PAD> token (id 32000) and pads the embedding to a multiple of 64: 32064."""
+    m = cfg.pad_to_multiple_of
+    return ((cfg.vocab_size + 1 + m - 1) // m) * m
+
+
+class OpenVLAOFTPolicy(nn.Module):
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_backbone = VisionBackbone(cfg)
+        text = LlamaConfig(**{**cfg.text_config, "vocab_size": padded_vocab(cfg)})
+        text._attn_implementation = "sdpa"
+        self.language_model = LlamaForCausalLM(text)
+        self.projector = Projector(self.vision_backbone.embed_dim, text.hidden_size, fused=cfg.vision_backbone == "dinosiglip")
+        self.action_first_id = cfg.vocab_size - cfg.n_action_bins
+
+    def action_logits(
+        self,
+        pixel_values: torch.Tensor,  # [B, 3 * towers, H, W] float
+        prompt_ids: torch.Tensor,  # [B, S] int64, right-padded, starts with BOS, ends with "▁"
+        prompt_lengths: torch.Tensor,  # [B] int64, real length of each prompt
+        stop_token_id: int = 2,
+    ) -> torch.Tensor:  # [B, chunk * dims, 256]
+        cfg = self.config
+        B, S = prompt_ids.shape
+        A, P = cfg.num_action_tokens, cfg.num_patches
+        device = prompt_ids.device
+        embed = self.language_model.get_input_embeddings()
+        patches = self.projector(self.vision_backbone(pixel_values))  # [B, P, H]
+        text = embed(prompt_ids)  # [B, S, H]
+        stop = embed(torch.full((B, 1), stop_token_id, device=device))  # [B, 1, H]
+
+        # Right-padded layout: BOS | patches | prompt[1:len] | A zeros | </s> | padding
+        L = 1 + P + (S - 1) + A + 1
+        seq = text.new_zeros(B, L, text.shape[-1])
+        seq[:, 0] = text[:, 0]
+        seq[:, 1 : 1 + P] = patches
+        arange_s = torch.arange(1, S, device=device)
+        prompt_pos = P + arange_s  # positions of prompt tokens 1..S-1
+        valid_prompt = arange_s[None, :] < prompt_lengths[:, None]  # [B, S-1]
+        seq[:, prompt_pos] = text[:, 1:] * valid_prompt[..., None]
+        action_start = P + prompt_lengths  # [B] first placeholder position
+        stop_pos = action_start + A
+        seq[torch.arange(B, device=device), stop_pos] = stop[:, 0]
+        length = stop_pos + 1  # [B] real sequence length
+
+        positions = torch.arange(L, device=device)
+        valid = positions[None, :] < length[:, None]  # [B, L]
+        allowed = valid[:, None, None, :].expand(B, 1, L, L)
+        if cfg.attention == "causal":
+            allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        allowed = allowed | ~valid[:, None, :, None]  # padded queries see everything: no NaN rows
+        bias = torch.zeros(B, 1, L, L, dtype=seq.dtype, device=device)
+        bias = bias.masked_fill(~allowed, torch.finfo(seq.dtype).min)
+
+        hidden = self.language_model.model(inputs_embeds=seq, attention_mask=bias).last_hidden_state  # [B, L, H]
+        read = (action_start - 1)[:, None] + torch.arange(A, device=device)[None, :]  # [B, A]
+        h = hidden.gather(1, read[..., None].expand(B, A, hidden.shape[-1]))  # [B, A, H]
+        head = self.language_model.lm_head.weight[self.action_first_id : cfg.vocab_size]  # [256, H]
+        return F.linear(h, head)  # [B, A, 256]

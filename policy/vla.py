@@ -1,0 +1,79 @@
+"""VLAPolicy: the model plus everything needed to turn observations into env actions and back.
+
+Used by the inference service (act) and the learner (log-probs of stored tokens).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.records import ActionChunk, Observation
+from policy.action_tokenizer import ActionStats, ActionTokenizer, select_unnorm_key
+from policy.modeling import OpenVLAOFTPolicy
+from policy.processor import ImageProcessor, PromptBuilder
+from policy.sampling import choose_actions, chosen_log_probs
+
+
+class VLAPolicy:
+    def __init__(
+        self,
+        model: OpenVLAOFTPolicy,
+        tokenizer,
+        image_processor: ImageProcessor,
+        norm_stats: dict,
+        unnorm_key: str | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.prompts = PromptBuilder(tokenizer)
+        cfg = model.config
+        self.action_tokenizer = ActionTokenizer(vocab_size=cfg.vocab_size, n_bins=cfg.n_action_bins)
+        self.norm_stats = norm_stats
+        self.unnorm_key = select_unnorm_key(norm_stats, unnorm_key)
+        self.stats = ActionStats.from_json(norm_stats[self.unnorm_key])
+        if len(self.stats.q01) != cfg.action_dims:
+            raise ValueError(
+                f"statistics {self.unnorm_key!r} have {len(self.stats.q01)} action dims, the model {cfg.action_dims}"
+            )
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:
+        return self.model.config.action_chunk, self.model.config.action_dims
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def model_inputs(self, images, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = next(self.model.parameters()).dtype
+        pixels = self.image_processor(images).to(self.device, dtype)
+        ids, lengths = self.prompts(instructions)
+        return pixels, ids.to(self.device), lengths.to(self.device)
+
+    def action_logits(self, images, instructions: list[str]) -> torch.Tensor:  # [B, A, 256]
+        return self.model.action_logits(*self.model_inputs(images, instructions), stop_token_id=self.tokenizer.eos_token_id)
+
+    @torch.no_grad()
+    def act(
+        self,
+        observations: list[Observation],
+        temperature: float = 1.6,
+        greedy: bool = False,
+        version: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> list[ActionChunk]:
+        logits = self.action_logits([o.image for o in observations], [o.instruction for o in observations])
+        index, logp = choose_actions(logits, temperature, greedy, generator)  # [B, A]
+        chunk, dims = self.chunk_shape
+        ids = self.action_tokenizer.index_to_id(index.cpu().numpy()).reshape(-1, chunk, dims)
+        logp = logp.float().cpu().numpy().reshape(-1, chunk, dims)
+        actions = self.action_tokenizer.tokens_to_actions(ids, self.stats).astype(np.float32)
+        return [ActionChunk(tokens=t, logprobs=lp, actions=a, policy_version=version) for t, lp, a in zip(ids, logp, actions)]
+
+    def token_log_probs(self, images, instructions: list[str], token_ids: torch.Tensor, temperature: float):
+        """Differentiable log-probs [B, A] and entropies [B, A] of stored token ids [B, A]."""
+        logits = self.action_logits(images, instructions)
+        index = token_ids.to(logits.device) - self.action_tokenizer.first_id
+        return chosen_log_probs(logits, index, temperature)

@@ -1,0 +1,1 @@
+"""The policy inference service (Ray Serve) and the public HTTP act API."""
