@@ -70,7 +70,7 @@ def _build_tower(kind: str, cfg: VLAConfig) -> nn.Module:
         return SiglipVisionModel(SiglipVisionConfig(intermediate_size=v["intermediate_size"], **common))
     return Dinov2WithRegistersModel(
         Dinov2WithRegistersConfig(
-            mlp_ratio=v["intermediate_size"] / v["hidden_size"], num_register_tokens=NUM_DINO_REGISTERS, **common
+            mlp_ratio=max(1, v["intermediate_size"] // v["hidden_size"]), num_register_tokens=NUM_DINO_REGISTERS, **common
         )
     )
 

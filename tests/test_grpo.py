@@ -60,11 +60,13 @@ def test_group_advantages_one_success_of_eight_uses_unbiased_std():
 
 
 def test_group_advantages_equal_and_singleton_groups_are_exactly_zero():
-    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.3, 0.3, 0.3])
-    groups = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3])  # all-1, all-0, size 1, constant non-binary
+    # all-1, all-0, size 1, and a constant non-binary group whose float32 mean (8 * 0.3 / 8) is
+    # off by ~3e-8: dividing that rounding error by (std ~3e-8) + 1e-6 would give ~0.03, not 0
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0] + [0.3] * 8)
+    groups = torch.tensor([0, 0, 0, 1, 1, 2] + [3] * 8)
     adv = group_advantages(rewards, groups)
     assert torch.isfinite(adv).all()
-    assert torch.equal(adv, torch.zeros(9))
+    assert torch.equal(adv, torch.zeros(14))
 
 
 def test_equal_reward_group_gives_zero_gradient():
@@ -290,6 +292,15 @@ def test_dynamic_sampling_mask_groups_of_eight():
     assert (per_group.all(1) | ~per_group.any(1)).all()  # whole groups kept or dropped
     assert per_group[:, 0].tolist() == [False] + [True] * 7 + [False]
     assert keep.tolist() == [keep_group(r / n) for r in range(n + 1) for _ in range(n)]
+
+
+def test_dynamic_sampling_mask_exact_bounds_are_kept():
+    # groups of 10: 1/10 == low and 9/10 == high are kept (inclusive), 0/10 and 10/10 dropped
+    n = 10
+    rewards = torch.tensor([[1.0] * k + [0.0] * (n - k) for k in (0, 1, 9, 10)]).reshape(-1)
+    groups = torch.arange(4).repeat_interleave(n)
+    keep = dynamic_sampling_mask(rewards, groups, low=0.1, high=0.9)
+    assert keep.reshape(4, n)[:, 0].tolist() == [False, True, True, False]
 
 
 # ---------------------------------------------------------------- entropy and SFT
