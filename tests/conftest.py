@@ -32,3 +32,25 @@ def tiny_policy(tiny_config):
     from policy.checkpoint import build_policy
 
     return build_policy(tiny_config.policy, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole test session."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "MUJOCO_GL": os.environ["MUJOCO_GL"],
+                                       "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tiny_policy, tmp_path_factory):
+    from policy.checkpoint import save_policy
+
+    return save_policy(tiny_policy, tmp_path_factory.mktemp("policy") / "tiny")

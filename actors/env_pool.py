@@ -1,0 +1,119 @@
+"""The pool of EnvWorker actors as the coordinator sees it: launch episodes, collect the finished
+ones, and replace dead workers, re-running their in-flight episodes elsewhere.
+
+The driver calls `run_episode.remote`, so it OWNS every episode's result refs: a worker that
+dies loses only the episodes it was running, which are re-submitted with the same request.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from common.config import ClusterConfig, EnvConfig
+from env_workers.worker import EnvWorker
+
+
+@dataclass
+class Episode:
+    task: str
+    init_state: int
+    temperature: float
+    greedy: bool
+    record_video: bool = False
+    attempts: int = 0
+    tag: object = None  # caller's bookkeeping (e.g. group id)
+
+
+class EnvWorkerPool:
+    def __init__(self, env_cfg: EnvConfig, cluster_cfg: ClusterConfig, app_name: str, max_attempts: int = 3):
+        self.env_cfg, self.cluster_cfg, self.app_name = env_cfg, cluster_cfg, app_name
+        self.max_attempts = max_attempts
+        self.workers = [self._spawn() for _ in range(cluster_cfg.num_env_workers)]
+        ray.get([w.ready.remote() for w in self.workers], timeout=300)
+        self.pending: dict[ray.ObjectRef, tuple[Episode, ray.ObjectRef, int]] = {}
+        self.load = [0] * len(self.workers)
+        self.rerun = 0
+        self.replaced = 0
+        self._rr = itertools.count()
+
+    def _spawn(self):
+        opts = {"num_cpus": self.cluster_cfg.env_worker_cpus, "max_concurrency": self.cluster_cfg.envs_per_worker + 4}
+        if "sim" in self.cluster_cfg.resources:
+            opts["resources"] = {self.cluster_cfg.resources["sim"]: 0.001}
+        return EnvWorker.options(**opts).remote(self.env_cfg, self.cluster_cfg.envs_per_worker, self.app_name)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.workers) * self.cluster_cfg.envs_per_worker
+
+    def task_info(self) -> dict:
+        return ray.get(self.workers[0].task_info.remote(), timeout=120)
+
+    def submit(self, ep: Episode) -> None:
+        index = min(range(len(self.workers)), key=lambda i: (self.load[i], next(self._rr) % 997))
+        meta_ref, traj_ref = self.workers[index].run_episode.remote(ep.task, ep.init_state, ep.temperature, ep.greedy, ep.record_video)
+        ep.attempts += 1
+        self.load[index] += 1
+        self.pending[meta_ref] = (ep, traj_ref, index)
+
+    def poll(self, timeout_s: float) -> list[tuple[Episode, dict, ray.ObjectRef]]:
+        """Finished episodes as (request, meta, trajectory ref); failed ones are re-submitted."""
+        if not self.pending:
+            return []
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s, fetch_local=True)
+        done = []
+        for meta_ref in ready:
+            ep, traj_ref, index = self.pending.pop(meta_ref)
+            self.load[index] -= 1
+            try:
+                meta = ray.get(meta_ref, timeout=30)
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                self._replace(index)
+                self._retry(ep)
+                continue
+            except Exception:
+                self._retry(ep)  # env timeout or env error: the slot was rebuilt; run it again
+                continue
+            done.append((ep, meta, traj_ref))
+        return done
+
+    def _retry(self, ep: Episode) -> None:
+        if ep.attempts >= self.max_attempts:
+            raise RuntimeError(f"episode {ep.task}#{ep.init_state} failed {ep.attempts} times; giving up")
+        self.rerun += 1
+        self.submit(ep)
+
+    def _replace(self, index: int) -> None:
+        try:
+            ray.kill(self.workers[index])
+        except Exception:
+            pass
+        self.workers[index] = self._spawn()
+        self.replaced += 1
+
+    def run_all(self, episodes: list[Episode], timeout_s: float) -> list[tuple[Episode, dict, ray.ObjectRef]]:
+        """Submit everything and wait for all of it (evaluation)."""
+        import time
+
+        for ep in episodes:
+            self.submit(ep)
+        out, deadline = [], time.monotonic() + timeout_s
+        while self.pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.pending)} episodes still running after {timeout_s}s")
+            out.extend(self.poll(timeout_s=1.0))
+        return out
+
+    def total_env_steps(self) -> int:
+        return sum(ray.get([w.total_env_steps.remote() for w in self.workers], timeout=30))
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:
+                pass

@@ -1,0 +1,87 @@
+"""`vla-grpo COMMAND CONFIG [section.field=value ...]` — the console entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from common.config_loading import ConfigError, load_config
+
+DEFAULT_ENV = {"MUJOCO_GL": "egl", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _train(cfg):
+    from deploy.runtime import Rollout, init_ray
+    from deploy.train import GRPOTrainer
+
+    if cfg.policy.path is None:
+        sys.exit("train needs a policy to start from: set policy.path=/local/policy/folder (e.g. the output of `vla-grpo sft`)")
+    init_ray(cfg)
+    rollout = Rollout.start(cfg, str(cfg.policy.path))
+    trainer = GRPOTrainer(cfg, str(cfg.policy.path), rollout)
+    try:
+        while trainer.step < cfg.total_steps:
+            trainer.train_step()
+        trainer.save_checkpoint()
+        trainer.learner.save_policy(Path(cfg.run_dir) / "rl_policy")
+    finally:
+        trainer.shutdown()
+        rollout.shutdown()
+
+
+def _eval(cfg):
+    from deploy.evaluate import evaluate, format_table
+    from deploy.runtime import Rollout, init_ray
+
+    if cfg.policy.path is None:
+        sys.exit("eval needs policy.path=/local/policy/folder")
+    init_ray(cfg)
+    rollout = Rollout.start(cfg, str(cfg.policy.path))
+    try:
+        report = evaluate(rollout, Path(cfg.run_dir) / "eval", cfg.eval.episodes_per_task, cfg.eval.videos)
+    finally:
+        rollout.shutdown()
+    print(format_table({"success": report}))
+    print(json.dumps({"success": report["success"], "episodes": report["episodes"]}))
+
+
+def _sft(cfg):
+    from deploy.runtime import init_ray
+    from deploy.sft import run_sft
+
+    init_ray(cfg)
+    out = Path(cfg.run_dir) / "sft_policy"
+    summary = run_sft(cfg, out)
+    print(f"SFT policy written to {out} (final loss {summary['losses'][-1]:.4f})")
+
+
+def _demo(cfg):
+    from deploy.demo import run_demo
+
+    run_demo(cfg)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "sft": _sft, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> None:
+    for k, v in DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
+    parser = argparse.ArgumentParser(prog="vla-grpo", description="Online GRPO for VLA policies on Ray")
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        sys.exit(str(err))
+    COMMANDS[args.command](cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Bring the roles up on a Ray cluster: policy service, env workers, trajectory queue, learner."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+from actors.coordinator import InitStateSampler, RolloutCoordinator
+from actors.env_pool import EnvWorkerPool
+from actors.trajectory_queue import TrajectoryQueue
+from common.config import RunConfig
+from services.policy_service import APP_NAME, start_policy_service
+
+WORKER_ENV = {k: os.environ[k] for k in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "DS_ACCELERATOR", "HF_HUB_OFFLINE",
+                                          "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE") if k in os.environ}
+
+
+def init_ray(cfg: RunConfig, num_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env_vars = {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **WORKER_ENV}
+    kwargs = dict(runtime_env={"env_vars": env_vars}, include_dashboard=False, logging_level="WARNING",
+                  log_to_driver=True)
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, **kwargs)
+    else:
+        extra = {"_metrics_export_port": cfg.logging.metrics_port} if cfg.logging.metrics_port else {}
+        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 2, 2), **kwargs, **extra)
+
+
+@dataclass
+class Rollout:
+    """The serving and simulation side of a run."""
+
+    handle: object
+    pool: EnvWorkerPool
+    queue: object
+    task_info: dict
+
+    @classmethod
+    def start(cls, cfg: RunConfig, policy_path: str) -> "Rollout":
+        handle = start_policy_service(policy_path, cfg.cluster, cfg.policy, seed=cfg.seed)
+        pool = EnvWorkerPool(cfg.env, cfg.cluster, APP_NAME)
+        queue = TrajectoryQueue.remote(cfg.rollout.queue_capacity)
+        info = pool.task_info()
+        if cfg.env.tasks:
+            unknown = sorted(set(cfg.env.tasks) - set(info))
+            if unknown:
+                raise ValueError(f"env.tasks: unknown tasks {unknown}; the {cfg.env.suite} suite has {sorted(info)}")
+            info = {t: info[t] for t in cfg.env.tasks}
+        return cls(handle, pool, queue, info)
+
+    def coordinator(self, cfg: RunConfig) -> RolloutCoordinator:
+        pairs = [(t, s) for t, v in self.task_info.items() for s in v["train"]]
+        return RolloutCoordinator(cfg.rollout, self.pool, self.queue, InitStateSampler(pairs, cfg.seed))
+
+    def shutdown(self) -> None:
+        from ray import serve
+
+        self.pool.shutdown()
+        try:
+            serve.delete(APP_NAME)
+        except Exception:
+            pass
+        ray.kill(self.queue)

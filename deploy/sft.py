@@ -1,0 +1,79 @@
+"""`vla-grpo sft CONFIG`: supervised warm start on demonstrations, through the same DeepSpeed
+learner group that GRPO uses. Demos come from `sft.dataset` (robomimic/LIBERO HDF5 files) or, when
+unset, are recorded from the built-in scripted experts on train initial states."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.config import RunConfig
+from learner.group import LearnerGroup
+from learner.sft_data import build_sft_samples
+
+
+def demo_folder(cfg: RunConfig) -> Path:
+    """The configured dataset, or expert demos recorded once into the run folder."""
+    if cfg.sft.dataset is not None:
+        return Path(cfg.sft.dataset)
+    from env_workers.demos import record_demos
+    from env_workers.factory import make_env
+
+    folder = Path(cfg.run_dir) / "demos"
+    if not any(folder.glob("*.hdf5")):
+        env = make_env(cfg.env)
+        try:
+            tasks = cfg.env.tasks or env.task_names
+            record_demos(env, tasks, cfg.sft.demos_per_task, folder)
+        finally:
+            env.close()
+    return folder
+
+
+def select_demos(demos: list, per_task: int) -> list:
+    chosen, counts = [], {}
+    for d in demos:
+        if counts.get(d.task, 0) < per_task:
+            chosen.append(d)
+            counts[d.task] = counts.get(d.task, 0) + 1
+    return chosen
+
+
+def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
+    from env_workers.demos import dataset_statistics, read_demos
+    from policy.checkpoint import build_policy, load_policy, save_policy
+
+    demos = select_demos(read_demos(demo_folder(cfg)), cfg.sft.demos_per_task)
+    if not demos:
+        raise RuntimeError("no demonstrations found for SFT")
+    key = cfg.policy.unnorm_key or cfg.env.suite
+    norm_stats = {key: dataset_statistics(demos)}
+    if cfg.policy.path is not None:
+        policy = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, unnorm_key=cfg.policy.unnorm_key)
+    else:
+        policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": key}), norm_stats, seed=cfg.seed)
+    images, instructions, tokens = build_sft_samples(demos, policy.stats, policy.action_tokenizer, cfg.policy.action_chunk)
+    init_folder = save_policy(policy, Path(cfg.run_dir) / "sft_init")
+    log(f"SFT: {len(demos)} demos ({cfg.sft.demos_per_task}/task), {len(images)} samples, {cfg.sft.steps} steps")
+
+    learner = LearnerGroup(cfg)
+    try:
+        learner.setup(init_folder, "sft", cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        losses, start = [], time.monotonic()
+        for step in range(cfg.sft.steps):
+            idx = rng.choice(len(images), size=cfg.sft.batch_size, replace=len(images) < cfg.sft.batch_size)
+            stats = learner.sft_step(images[idx], [instructions[i] for i in idx], tokens[idx])
+            losses.append(stats["loss"])
+            if (step + 1) % max(1, cfg.sft.steps // 10) == 0:
+                log(f"  sft step {step + 1:5d}/{cfg.sft.steps}  loss {np.mean(losses[-20:]):.4f}  ({time.monotonic() - start:.0f}s)")
+        learner.save_policy(out_folder)
+    finally:
+        learner.shutdown()
+    summary = {"demos": len(demos), "samples": len(images), "losses": losses, "seconds": time.monotonic() - start}
+    (Path(out_folder) / "sft_summary.json").write_text(json.dumps(summary))
+    return summary
+

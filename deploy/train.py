@@ -1,0 +1,136 @@
+"""`vla-grpo train CONFIG`: the GRPO loop. Each step reads like the paper:
+roll out groups -> dynamic sampling -> group advantages -> clipped policy update -> sync weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from actors.coordinator import Group
+from common.config import RunConfig
+from deploy.runtime import Rollout
+from deploy.telemetry import RunLogger
+from learner.checkpoints import CheckpointManager, load_trajectories, save_trajectories
+from learner.grpo import group_advantages
+from learner.group import LearnerGroup
+from services.policy_service import broadcast_weights
+
+
+def flatten(batch: list[Group]) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    items = [it for g in batch for it in g.items]
+    refs = [it["ref"][0] for it in items]
+    rewards = np.array([float(it["success"]) for it in items], dtype=np.float32)
+    group_ids = np.repeat(np.arange(len(batch)), [len(g.items) for g in batch])
+    versions = np.array([it["policy_version"] for it in items])
+    return refs, rewards, group_ids, versions
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: RunConfig, policy_path: str, rollout: Rollout, logger: RunLogger | None = None):
+        self.cfg = cfg
+        self.rollout = rollout
+        self.coordinator = rollout.coordinator(cfg)
+        self.learner = LearnerGroup(cfg)
+        self.learner.setup(policy_path, "grpo", cfg.seed)
+        self.logger = logger or RunLogger(cfg.run_dir, cfg.logging.tensorboard, cfg.logging.console)
+        self.ckpt = CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.keep)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.step, self.version = 0, 0
+        self.history: list[dict] = []
+        if cfg.checkpoint.resume:
+            self.resume()
+
+    # --- one RL step ---------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, t0 = self.cfg, time.monotonic()
+        strict = cfg.rollout.max_policy_lag == 0
+        batch = self.coordinator.next_batch(cfg.rollout.groups_per_batch, self.version, cfg.rollout.rollout_timeout_s, drain=strict)
+        rollout_stats = self.coordinator.stats
+        t1 = time.monotonic()
+        refs, rewards, group_ids, versions = flatten(batch)
+        advantages = group_advantages(torch.from_numpy(rewards), torch.from_numpy(group_ids)).numpy()
+        order = self.rng.permutation(len(refs))
+        futures = self.learner.grpo_step_async(refs, advantages, order)
+        while not strict and ray.wait(futures, num_returns=len(futures), timeout=0)[1]:
+            self.coordinator.pump(cfg.rollout.groups_per_batch, timeout_s=0.05)  # overlap rollout with training
+        train_stats = ray.get(futures, timeout=cfg.rollout.rollout_timeout_s)[0]
+        t2 = time.monotonic()
+        self.step += 1
+        self.version += 1
+        sync_s = self.sync_weights() if self.step % cfg.learner.sync_every == 0 else 0.0
+        if not strict:
+            self.coordinator.drop_stale(self.version)
+        s = rollout_stats
+        scalars = {
+            "rollout/success_rate": s.successes / max(s.episodes, 1),
+            "rollout/episodes": s.episodes,
+            "rollout/env_steps_per_s": s.env_steps / max(t1 - t0, 1e-6),
+            "rollout/filtered_group_fraction": s.groups_filtered / max(s.groups_done, 1),
+            "rollout/queue_depth": ray.get(self.rollout.queue.size.remote(), timeout=30),
+            "rollout/policy_lag": float(np.mean(self.version - 1 - versions)),
+            "rollout/stale_groups": s.groups_stale,
+            "rollout/episodes_rerun": self.rollout.pool.rerun,
+            **{f"train/{k}": v for k, v in train_stats.items()},
+            "time/rollout_s": t1 - t0,
+            "time/train_s": t2 - t1,
+            "time/weight_sync_s": sync_s,
+            "policy/version": self.version,
+        }
+        per_task = {t: a / b for t, (a, b) in s.per_task.items() if b}
+        self.logger.log(self.step, scalars, per_task, env_steps=s.env_steps)
+        self.history.append({"step": self.step, **scalars})
+        if self.step % cfg.checkpoint.every == 0:
+            self.save_checkpoint()
+        return scalars
+
+    def sync_weights(self) -> float:
+        start = time.monotonic()
+        state_ref = self.learner.publish_weights()
+        versions = broadcast_weights(self.rollout.handle, self.version, state_ref)
+        if set(versions) != {self.version}:
+            raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {self.version}")
+        return time.monotonic() - start
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        tmp = self.ckpt.begin(self.step)
+        self.learner.save_state(tmp / "learner", {"step": self.step})
+        self.learner.save_policy(tmp / "policy")
+        surplus = self.coordinator.ready
+        trajs = ray.get([it["ref"][0] for g in surplus for it in g.items], timeout=300)
+        save_trajectories(trajs, tmp / "surplus")
+        state = {
+            "step": self.step, "version": self.version,
+            "sampler": self.coordinator.sampler.state(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "surplus": [[{k: v for k, v in it.items() if k != "ref"} for it in g.items] for g in surplus],
+        }
+        return self.ckpt.commit(tmp, state)
+
+    def resume(self) -> bool:
+        folder = self.ckpt.latest()
+        if folder is None:
+            return False
+        state = json.loads((folder / "state.json").read_text())
+        self.learner.load_state(folder / "learner")
+        self.step, self.version = state["step"], state["version"]
+        self.coordinator.sampler.load(state["sampler"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        trajs = iter(load_trajectories(folder / "surplus"))
+        self.coordinator.ready = [
+            Group((items[0]["task"], items[0]["init_state"]), [dict(it, ref=[ray.put(next(trajs))]) for it in items])
+            for items in state["surplus"]
+        ]
+        self.sync_weights()
+        print(f"resumed from {folder} at step {self.step} (version {self.version})", flush=True)
+        return True
+
+    def shutdown(self) -> None:
+        self.learner.shutdown()
+        self.logger.close()

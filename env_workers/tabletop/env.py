@@ -1,0 +1,131 @@
+"""`TabletopEnv`: the built-in MuJoCo suite behind the `EpisodeEnv` API (env_workers/api.py).
+
+Actions are LIBERO's 7 dims [dx, dy, dz, droll, dpitch, dyaw, gripper] in [-1, 1]. Position deltas
+move the gripper's servo target by up to POS_SCALE per step; the rotation dims are accepted and
+ignored (the gripper keeps pointing down); gripper > 0 closes, <= 0 opens (LIBERO: -1 open, +1 close).
+
+`num_steps_wait` is ignored: LIBERO waits for objects dropped into the scene to settle, but here
+blocks start exactly at rest on the table, so there is nothing to wait for (and no step is spent).
+"""
+
+from __future__ import annotations
+
+import mujoco
+import numpy as np
+
+from common.config import EnvConfig
+from common.records import Observation, StepResult
+from env_workers.api import Split
+from env_workers.tabletop.scene import EE_HIGH, EE_LOW, Sim
+from env_workers.tabletop.tasks import SUITE, TASKS, Layout, TaskSpec, get_task
+
+POS_SCALE = 0.04  # metres per step at |action| = 1: a pick-and-place takes ~30 steps
+MAX_LEAD = 0.03  # the servo target never runs further than this ahead of the gripper (no wind-up)
+EE_ORI = np.array([np.pi, 0.0, 0.0], np.float32)  # axis-angle of a downward gripper, as LIBERO reports it
+PROPRIO_DIM = 8  # ee_pos (3), ee_ori axis-angle (3), gripper_states (2): LIBERO / OpenVLA-OFT's layout
+
+
+class TabletopEnv:
+    action_dim = 7
+
+    def __init__(self, cfg: EnvConfig):
+        if cfg.backend != "tabletop":
+            raise ValueError(f"TabletopEnv needs env.backend 'tabletop', got {cfg.backend!r}")
+        if cfg.suite != SUITE:
+            raise ValueError(f"the tabletop backend has one suite, {SUITE!r}; got env.suite {cfg.suite!r}")
+        names = list(cfg.tasks) if cfg.tasks else list(TASKS)
+        for n in names:
+            get_task(n)  # fail at construction on a typo, naming the known tasks
+        self.cfg = cfg
+        self._names = names
+        self._sims: dict[str, Sim] = {}  # one per layout, built on first use
+        self._renderers: dict[str, mujoco.Renderer] = {}
+        self.sim: Sim | None = None
+        self.task: TaskSpec | None = None
+        self.init_state: int | None = None
+        self.steps = 0
+        self.success = False
+        self._done = True
+
+    # --- EpisodeEnv API ---
+    @property
+    def task_names(self) -> list[str]:
+        return list(self._names)
+
+    def instruction(self, task: str) -> str:
+        return get_task(task).instruction
+
+    def init_states(self, task: str, split: Split) -> list[int]:
+        get_task(task)
+        s = self.cfg.init_states
+        if split == "train" or s.split == "paper":  # the paper evaluates on its training states
+            return list(range(s.num_train))
+        if split == "eval":
+            return list(range(s.num_train, s.num_train + s.num_eval))
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+    def reset(self, task: str, init_state: int) -> Observation:
+        spec = get_task(task)
+        self.task, self.init_state = spec, int(init_state)
+        self.sim = self._sim(spec.layout)
+        self.sim.reset(spec.layout.sample(self.init_state))
+        self.steps, self.success, self._done = 0, False, False
+        return self.observe()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        if self._done:
+            raise RuntimeError("episode is over (success or step limit): call reset() first")
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+        if a.shape != (self.action_dim,):
+            raise ValueError(f"action must have {self.action_dim} values, got shape {np.shape(action)}")
+        if np.isnan(a).any():
+            raise ValueError(f"action has NaN: {action}")
+        sim = self.sim
+        pos = sim.ee_pos
+        target = np.clip(sim.ee_target + a[:3] * POS_SCALE, pos - MAX_LEAD, pos + MAX_LEAD)
+        sim.step(np.clip(target, EE_LOW, EE_HIGH), close=bool(a[6] > 0.0))
+        self.steps += 1
+        self.success = self.task.success(sim)
+        self._done = self.success or self.steps >= self.cfg.max_steps
+        return StepResult(observation=self.observe(), success=self.success, done=self._done)
+
+    def close(self) -> None:
+        for r in self._renderers.values():
+            r.close()
+        self._renderers.clear()
+        self._sims.clear()
+        self.sim = None
+
+    # --- helpers (experts, demos and tests use them too) ---
+    def observe(self) -> Observation:
+        return Observation(image=self.render(), instruction=self.task.instruction, proprio=self.proprio())
+
+    def proprio(self) -> np.ndarray:
+        q = self.sim.finger_q
+        return np.concatenate([self.sim.ee_pos, EE_ORI, [q[0], -q[1]]]).astype(np.float32)
+
+    def render(self) -> np.ndarray:
+        r = self._renderers[self.task.layout.name]
+        r.update_scene(self.sim.data, camera="agentview")
+        return r.render()
+
+    def check_success(self) -> bool:
+        """Re-evaluate the success predicate now (after tests edit the sim state)."""
+        mujoco.mj_forward(self.sim.model, self.sim.data)
+        return self.task.success(self.sim)
+
+    def _sim(self, layout: Layout) -> Sim:
+        if layout.name not in self._sims:
+            sim = Sim(layout.blocks, layout.bowl, layout.zones)
+            size = self.cfg.image_size
+            if size > sim.model.vis.global_.offwidth:
+                sim.model.vis.global_.offwidth = sim.model.vis.global_.offheight = size
+            self._sims[layout.name] = sim
+            self._renderers[layout.name] = mujoco.Renderer(sim.model, size, size)
+        return self._sims[layout.name]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,163 @@
+"""Task specs of the "tabletop" suite: layouts, seeded initial states, goals and success predicates.
+
+Several tasks share a layout, and tasks of one layout share their initial states (the seed is the
+layout's, not the task's), so at a given init-state index the first image is identical and only the
+instruction says which block goes where.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from env_workers.tabletop.scene import BLOCK_HALF, BOWL_BASE, BOWL_INNER_R, BOWL_WALL, ZONE_HALF, Sim
+
+SUITE = "tabletop"
+
+# Where objects may start: inside the camera view with room for the gripper around them.
+X_RANGE, Y_RANGE = (-0.2, 0.2), (-0.15, 0.15)
+FIXTURE_SHRINK = 0.05  # the bowl and zones are wider than a block: keep them whole in view
+YAW_RANGE = (-0.35, 0.35)  # the gripper cannot turn; closing squares up a block this far off
+BLOCK_GAP = 0.11  # centre distance: an open finger fits between two blocks
+BOWL_CLEAR = BOWL_INNER_R + BOWL_WALL + 0.075  # block centre to bowl centre
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    blocks: tuple[str, ...]
+    bowl: bool = False
+    zones: tuple[str, ...] = ()
+    push_paths: bool = False  # keep every block's straight path to the zone free of the others
+
+    def sample(self, seed: int) -> dict[str, tuple[float, ...]]:
+        """Placements {block: (x, y, yaw), fixture: (x, y)}, a pure function of (layout, seed)."""
+        rng = np.random.default_rng([zlib.crc32(self.name.encode()), int(seed)])
+        for _ in range(10_000):
+            p = self._draw(rng)
+            if p is not None:
+                return p
+        raise RuntimeError(f"layout {self.name}: no valid placement for seed {seed}")
+
+    def _draw(self, rng: np.random.Generator) -> dict | None:
+        def xy(shrink: float = 0.0) -> np.ndarray:
+            return np.array([rng.uniform(X_RANGE[0] + shrink, X_RANGE[1] - shrink), rng.uniform(Y_RANGE[0] + shrink, Y_RANGE[1] - shrink)])
+
+        out: dict[str, tuple[float, ...]] = {}
+        fixtures: list[tuple[np.ndarray, float]] = []  # (centre, clearance a block centre needs)
+        if self.bowl:
+            c = xy(FIXTURE_SHRINK)
+            out["bowl"] = tuple(c)
+            fixtures.append((c, BOWL_CLEAR))
+        for z in self.zones:
+            c = xy(FIXTURE_SHRINK)
+            if any(np.linalg.norm(c - f) < ZONE_HALF * 2.6 for f, _ in fixtures):
+                return None
+            out[f"zone_{z}"] = tuple(c)
+            fixtures.append((c, ZONE_HALF * math.sqrt(2) + BLOCK_HALF + 0.03))
+        placed: list[np.ndarray] = []
+        for b in self.blocks:
+            c = xy()
+            if any(np.linalg.norm(c - f) < clear for f, clear in fixtures):
+                return None
+            if any(np.linalg.norm(c - q) < BLOCK_GAP for q in placed):
+                return None
+            placed.append(c)
+            out[b] = (float(c[0]), float(c[1]), float(rng.uniform(*YAW_RANGE)))
+        if self.push_paths and not self._paths_clear(out):
+            return None
+        return out
+
+    def _paths_clear(self, p: dict) -> bool:
+        """Each block's push, from behind it to the zone centre, passes no other block."""
+        for z in self.zones:
+            goal = np.array(p[f"zone_{z}"])
+            for b in self.blocks:
+                start = np.array(p[b][:2])
+                d = goal - start
+                if np.linalg.norm(d) > 0.26:  # keep pushes short
+                    return False
+                u = d / np.linalg.norm(d)
+                seg0, seg1 = start - u * 0.08, goal
+                for o in self.blocks:
+                    if o != b and _seg_dist(np.array(p[o][:2]), seg0, seg1) < 0.085:
+                        return False
+        return True
+
+
+def _seg_dist(q: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    t = np.clip(np.dot(q - a, b - a) / max(np.dot(b - a, b - a), 1e-12), 0.0, 1.0)
+    return float(np.linalg.norm(q - (a + t * (b - a))))
+
+
+# A goal is a sequence of sub-goals (verb, block, target); the task succeeds when all hold at once.
+# Verbs: "in_bowl" (target None), "on_zone" (target zone colour), "push_to_zone" (same predicate as
+# on_zone; tells the expert to push), "on_block" (target block colour).
+Subgoal = tuple[str, str, str | None]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    instruction: str
+    layout: Layout
+    goal: tuple[Subgoal, ...]
+
+    def success(self, sim: Sim) -> bool:
+        return all(subgoal_done(sim, g) for g in self.goal)
+
+
+def subgoal_done(sim: Sim, goal: Subgoal) -> bool:
+    """Predicate from sim state: the block rests where it should and the gripper has let go."""
+    verb, block, target = goal
+    p = sim.block_pos(block)
+    if sim.touching_gripper(block):
+        return False
+    if verb == "in_bowl":
+        c = sim.fixture_pos("bowl")
+        return bool(np.linalg.norm(p[:2] - c[:2]) < BOWL_INNER_R - 0.01 and p[2] < BOWL_BASE + 3 * BLOCK_HALF)
+    if verb in ("on_zone", "push_to_zone"):
+        c = sim.fixture_pos(f"zone_{target}")
+        return bool(np.all(np.abs(p[:2] - c[:2]) < ZONE_HALF) and p[2] < BLOCK_HALF + 0.01)
+    if verb == "on_block":
+        q = sim.block_pos(target)
+        dz = p[2] - q[2]
+        return bool(np.linalg.norm(p[:2] - q[:2]) < BLOCK_HALF and 1.6 * BLOCK_HALF < dz < 2.4 * BLOCK_HALF)
+    raise ValueError(f"unknown goal verb {verb!r}")
+
+
+BOWL = Layout("bowl", ("red", "green", "blue"), bowl=True)
+ZONES = Layout("zones", ("red", "blue"), zones=("yellow", "magenta"))
+PUSH = Layout("push", ("red", "green"), zones=("yellow",), push_paths=True)
+STACK = Layout("stack", ("red", "green"))
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("red_in_bowl", "put the red block in the bowl", BOWL, (("in_bowl", "red", None),)),
+        TaskSpec("green_in_bowl", "put the green block in the bowl", BOWL, (("in_bowl", "green", None),)),
+        TaskSpec("blue_in_bowl", "put the blue block in the bowl", BOWL, (("in_bowl", "blue", None),)),
+        TaskSpec(
+            "red_then_blue_in_bowl",
+            "put the red block in the bowl and then the blue block in the bowl",
+            BOWL,
+            (("in_bowl", "red", None), ("in_bowl", "blue", None)),
+        ),
+        TaskSpec("red_on_yellow", "place the red block on the yellow square", ZONES, (("on_zone", "red", "yellow"),)),
+        TaskSpec("blue_on_magenta", "place the blue block on the magenta square", ZONES, (("on_zone", "blue", "magenta"),)),
+        TaskSpec("push_red_to_yellow", "push the red block onto the yellow square", PUSH, (("push_to_zone", "red", "yellow"),)),
+        TaskSpec("push_green_to_yellow", "push the green block onto the yellow square", PUSH, (("push_to_zone", "green", "yellow"),)),
+        TaskSpec("stack_red_on_green", "stack the red block on the green block", STACK, (("on_block", "red", "green"),)),
+        TaskSpec("stack_green_on_red", "stack the green block on the red block", STACK, (("on_block", "green", "red"),)),
+    )
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown tabletop task {name!r}; known: {sorted(TASKS)}") from None

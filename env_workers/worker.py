@@ -1,0 +1,152 @@
+"""EnvWorker: a Ray actor hosting several envs of any backend.
+
+Each `run_episode` call takes a free env slot, loops observation -> policy service -> action
+chunk -> env steps until the episode ends, and gives the slot back at once, so a finished env
+never waits for the others (no lock-step padding to the step limit, no inference for finished
+envs). Concurrency = number of slots; further calls queue on the actor.
+
+Every env call runs on the slot's own thread (GL contexts are thread-bound) under a deadline;
+a slot whose call times out is rebuilt and the episode fails (the caller re-runs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import ray
+
+from common.config import EnvConfig
+from common.records import Trajectory
+from policy.action_tokenizer import postprocess_gripper
+
+GRIPPER = {"tabletop": dict(binarize=True, invert=False), "libero": dict(binarize=True, invert=True),
+           "maniskill": dict(binarize=False, invert=False)}
+
+
+async def _resolve(response):
+    return await response
+
+
+class EnvTimeout(RuntimeError):
+    pass
+
+
+class EnvSlot:
+    def __init__(self, env_cfg: EnvConfig):
+        self.env_cfg = env_cfg
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.env = self.executor.submit(self._make).result()
+
+    def _make(self):
+        from env_workers.factory import make_env
+
+        return make_env(self.env_cfg)
+
+    async def call(self, fn_name: str, *args):
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.executor, getattr(self.env, fn_name), *args)
+        try:
+            return await asyncio.wait_for(fut, timeout=self.env_cfg.step_timeout_s)
+        except asyncio.TimeoutError:
+            raise EnvTimeout(f"env.{fn_name} took longer than env.step_timeout_s={self.env_cfg.step_timeout_s}s") from None
+
+    def close(self):
+        try:
+            self.executor.submit(self.env.close).result(timeout=5)
+        except Exception:
+            pass
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+@ray.remote
+class EnvWorker:
+    def __init__(self, env_cfg: EnvConfig, num_envs: int, app_name: str, policy_timeout_s: float = 60.0):
+        import torch
+
+        torch.set_num_threads(1)
+        self.env_cfg = env_cfg
+        self.app_name = app_name
+        self.policy_timeout_s = policy_timeout_s
+        self.gripper = GRIPPER[env_cfg.backend]
+        self.slots = [EnvSlot(env_cfg) for _ in range(num_envs)]
+        self.free: asyncio.Queue | None = None
+        self.handle = None
+        self.env_steps = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def task_info(self) -> dict:
+        env = self.slots[0].env
+        return {t: {"instruction": env.instruction(t), "train": env.init_states(t, "train"), "eval": env.init_states(t, "eval")}
+                for t in env.task_names}
+
+    def _lazy_init(self):
+        if self.free is None:
+            from ray import serve
+
+            self.free = asyncio.Queue()
+            for slot in self.slots:
+                self.free.put_nowait(slot)
+            self.handle = serve.get_deployment_handle("Policy", app_name=self.app_name)
+
+    @ray.method(num_returns=2)
+    async def run_episode(self, task: str, init_state: int, temperature: float, greedy: bool, record_video: bool = False):
+        """-> (meta dict, Trajectory). Two returns so the caller can read `meta` (tiny) without
+        pulling the images of the trajectory."""
+        self._lazy_init()
+        slot = await self.free.get()
+        broken = False
+        try:
+            return await self._episode(slot, task, init_state, temperature, greedy, record_video)
+        except EnvTimeout:
+            broken = True
+            raise
+        finally:
+            if broken:
+                slot.close()
+                slot = EnvSlot(self.env_cfg)
+            self.free.put_nowait(slot)
+
+    async def _episode(self, slot: EnvSlot, task, init_state, temperature, greedy, record_video):
+        start = time.perf_counter()
+        obs = await slot.call("reset", task, init_state)
+        images, tokens, logprobs, executed, versions, frames = [], [], [], [], [], []
+        steps, success, done = 0, False, False
+        while not done:
+            response = self.handle.act.remote(obs, temperature, greedy)
+            chunk = await asyncio.wait_for(_resolve(response), timeout=self.policy_timeout_s)
+            images.append(obs.image)
+            tokens.append(chunk.tokens)
+            logprobs.append(chunk.logprobs)
+            versions.append(chunk.policy_version)
+            ran = np.zeros(chunk.tokens.shape[0], dtype=bool)
+            for k, action in enumerate(postprocess_gripper(chunk.actions, **self.gripper)):
+                result = await slot.call("step", action)
+                ran[k] = True
+                steps += 1
+                obs = result.observation
+                if record_video:
+                    frames.append(obs.image)
+                if result.done:
+                    success, done = bool(result.success), True
+                    break
+            executed.append(ran)
+        self.env_steps += steps
+        traj = Trajectory(task=task, init_state=init_state, instruction=obs.instruction, images=np.stack(images),
+                          tokens=np.stack(tokens), logprobs=np.stack(logprobs), executed=np.stack(executed),
+                          success=success, env_steps=steps, policy_version=min(versions))
+        meta = {"task": task, "init_state": init_state, "success": success, "env_steps": steps,
+                "policy_version": min(versions), "num_chunks": len(images), "seconds": time.perf_counter() - start,
+                "frames": np.stack(frames) if record_video and frames else None}
+        return meta, traj
+
+    def total_env_steps(self) -> int:
+        return self.env_steps
+
+    def close(self):
+        for slot in self.slots:
+            slot.close()

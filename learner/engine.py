@@ -1,0 +1,132 @@
+"""The DeepSpeed training engine shared by SFT and GRPO (ZeRO-1/2; gloo on CPU, NCCL on GPUs).
+
+One instance per rank. Callers hand each rank its own slice of a mini-batch; the engine splits it
+into micro-batches and lets DeepSpeed accumulate gradients and all-reduce across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from common.config import LearnerConfig
+from common.records import Trajectory
+from learner.grpo import grpo_loss, sft_loss, token_mask
+from policy.vla import VLAPolicy
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo") -> None:
+    """Join the process group. DeepSpeed would JIT-compile a shared-memory comm op on CPU (~40 s);
+    gloo needs none of it, so that builder is switched off before init."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
+                      MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (the submodule itself, see below)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    extra: dict
+
+
+class LearnerEngine:
+    def __init__(self, policy: VLAPolicy, cfg: LearnerConfig, lr: float, micro_batch: int, grad_accum: int):
+        import deepspeed
+
+        self.policy = policy
+        self.cfg = cfg
+        self.micro_batch = micro_batch
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": next(policy.model.parameters()).dtype == torch.bfloat16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy.model, optimizer=optimizer, config=ds_config)
+        self.policy.model = self.engine.module
+
+    # --- GRPO -------------------------------------------------------------------------------
+    def _trajectory_logprobs(self, trajs: list[Trajectory], temperature: float):
+        """Forward every chunk of every trajectory at once -> per-trajectory padded tensors."""
+        images = np.concatenate([t.images for t in trajs])  # [sum T, H, W, 3]
+        instructions = [t.instruction for t in trajs for _ in range(t.num_chunks)]
+        tokens = torch.from_numpy(np.concatenate([t.tokens.reshape(t.num_chunks, -1) for t in trajs]))  # [sum T, A]
+        logp, entropy = self.policy.token_log_probs(images, instructions, tokens, temperature)  # [sum T, A]
+        sizes = [t.num_chunks for t in trajs]
+        pad = lambda x: pad_sequence([c.reshape(-1) for c in torch.split(x, sizes)], batch_first=True)  # noqa: E731
+        return pad(logp), pad(entropy)  # [B, L]
+
+    @torch.no_grad()
+    def recompute_logprobs(self, trajs: list[Trajectory], temperature: float) -> list[np.ndarray]:
+        logp, _ = self._trajectory_logprobs(trajs, temperature)
+        return [logp[i, : t.tokens.size].reshape(t.tokens.shape).float().numpy() for i, t in enumerate(trajs)]
+
+    def grpo_minibatch(self, trajs: list[Trajectory], advantages: np.ndarray, temperature: float, old_logprobs=None) -> StepStats:
+        """One optimiser step over this rank's slice of a mini-batch (micro-batched)."""
+        totals: dict[str, float] = {}
+        n_micro = 0
+        for start in range(0, len(trajs), self.micro_batch):
+            micro = trajs[start : start + self.micro_batch]
+            logp, entropy = self._trajectory_logprobs(micro, temperature)  # [M, L]
+            dims = micro[0].tokens.shape[-1]
+            old_src = old_logprobs[start : start + self.micro_batch] if old_logprobs is not None else [t.logprobs for t in micro]
+            old = pad_sequence([torch.tensor(np.asarray(o, dtype=np.float32)).reshape(-1) for o in old_src], batch_first=True)
+            mask = token_mask(pad_sequence([torch.tensor(t.executed) for t in micro], batch_first=True), dims)  # [M, L]
+            adv = torch.as_tensor(advantages[start : start + self.micro_batch], dtype=torch.float32)
+            loss, stats = grpo_loss(logp, old, adv, mask, self.cfg.clip_low, self.cfg.clip_high, normalizer=len(micro))
+            self.engine.backward(loss)
+            self.engine.step()
+            stats["loss"] = float(loss.detach())
+            stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n_micro += 1
+        means = {k: v / n_micro for k, v in totals.items()}
+        return StepStats(loss=means.pop("loss"), grad_norm=self._grad_norm(), extra=means)
+
+    # --- SFT --------------------------------------------------------------------------------
+    def sft_minibatch(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray) -> StepStats:
+        """Cross-entropy on action tokens; images [N, H, W, 3], tokens [N, A] action ids."""
+        losses = []
+        for start in range(0, len(images), self.micro_batch):
+            sl = slice(start, start + self.micro_batch)
+            logits = self.policy.action_logits(images[sl], instructions[sl])  # [M, A, 256]
+            target = torch.from_numpy(tokens[sl]) - self.policy.action_tokenizer.first_id  # [M, A]
+            loss = sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+        return StepStats(loss=float(np.mean(losses)), grad_norm=self._grad_norm(), extra={})
+
+    # --- state ------------------------------------------------------------------------------
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Full weights on CPU (ZeRO-1/2 keep parameters replicated, so any rank has them)."""
+        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+
+    def save(self, folder: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(folder, tag="deepspeed", client_state=client_state)
+
+    def load(self, folder: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(folder, tag="deepspeed")
+        return client_state or {}

@@ -1,0 +1,134 @@
+"""The learner as a Ray actor group: one LearnerWorker per rank (per GPU in production), joined in
+one torch.distributed group (gloo on CPU, NCCL on GPUs) under DeepSpeed.
+
+Each rank receives the same list of trajectory refs and fetches only its own slice of every
+mini-batch, so payloads go from the object store straight to the rank that needs them.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import ray
+import torch
+
+from common.config import RunConfig
+from common.records import Trajectory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@ray.remote
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int, cfg: RunConfig):
+        torch.set_num_threads(1)
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.engine = None
+
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int, policy_path: str, mode: str, seed: int) -> int:
+        from learner.engine import LearnerEngine, init_distributed
+        from policy.checkpoint import load_policy
+
+        if self.engine is None:
+            init_distributed(self.rank, self.world_size, master_addr, master_port, self.cfg.cluster.comm_backend)
+        torch.manual_seed(seed)
+        self.policy = load_policy(policy_path, unnorm_key=self.cfg.policy.unnorm_key, dtype=self.cfg.policy.dtype)
+        self.policy.model.train()
+        lc = self.cfg.learner
+        if mode == "sft":
+            per_rank = self.cfg.sft.batch_size // self.world_size
+            micro = min(lc.micro_batch_size, per_rank)
+            self.engine = LearnerEngine(self.policy, lc, self.cfg.sft.lr, micro, max(1, per_rank // micro))
+        else:
+            per_rank = lc.mini_batch_size // self.world_size
+            self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_size, per_rank // lc.micro_batch_size)
+        return sum(p.numel() for p in self.policy.model.parameters())
+
+    def grpo_step(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray) -> dict:
+        """One RL step: the batch in `order`, split into mini-batches, one optimiser step each."""
+        lc = self.cfg.learner
+        stats: list[dict] = []
+        for _ in range(lc.epochs):
+            for start in range(0, len(order), lc.mini_batch_size):
+                mine = order[start : start + lc.mini_batch_size][self.rank :: self.world_size]
+                trajs: list[Trajectory] = ray.get([traj_refs[i] for i in mine], timeout=300)
+                old = None
+                if lc.recompute_old_logprobs:
+                    old = self.engine.recompute_logprobs(trajs, self.cfg.rollout.temperature)
+                s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, old)
+                stats.append({"loss": s.loss, "grad_norm": s.grad_norm, **s.extra})
+        return {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+
+    def sft_step(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray) -> dict:
+        sl = slice(self.rank, None, self.world_size)
+        s = self.engine.sft_minibatch(images[sl], instructions[sl], tokens[sl])
+        return {"loss": s.loss, "grad_norm": s.grad_norm}
+
+    def publish_weights(self) -> list:
+        """Rank 0 puts the full state dict in the object store once; replicas read it by ref."""
+        return [ray.put(self.engine.weights())] if self.rank == 0 else []
+
+    def save_policy(self, folder: str) -> None:
+        if self.rank == 0:
+            from policy.checkpoint import save_policy
+
+            save_policy(self.policy, folder)
+
+    def save_state(self, folder: str, client_state: dict) -> None:
+        client_state = dict(client_state, torch_rng=torch.get_rng_state())
+        self.engine.save(folder, client_state)
+
+    def load_state(self, folder: str) -> dict:
+        state = self.engine.load(folder)
+        if "torch_rng" in state:
+            torch.set_rng_state(state.pop("torch_rng"))
+        return state
+
+
+class LearnerGroup:
+    def __init__(self, cfg: RunConfig):
+        cc = cfg.cluster
+        opts = {"num_cpus": cc.learner_cpus, "num_gpus": cc.learner_gpus}
+        if "learner" in cc.resources:
+            opts["resources"] = {cc.resources["learner"]: 0.001}
+        self.workers = [LearnerWorker.options(**opts).remote(r, cc.learner_world_size, cfg) for r in range(cc.learner_world_size)]
+        self.master = ray.get(self.workers[0].address.remote(), timeout=120)
+        self.timeout = cfg.rollout.rollout_timeout_s
+
+    def _all(self, method: str, *args):
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers], timeout=self.timeout)
+
+    def setup(self, policy_path: str, mode: str, seed: int) -> int:
+        return self._all("setup", self.master[0], self.master[1], str(policy_path), mode, seed)[0]
+
+    def grpo_step_async(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray) -> list:
+        return [w.grpo_step.remote(traj_refs, advantages, order) for w in self.workers]
+
+    def sft_step(self, images, instructions, tokens) -> dict:
+        refs = [ray.put(images), ray.put(tokens)]
+        out = ray.get([w.sft_step.remote(refs[0], instructions, refs[1]) for w in self.workers], timeout=self.timeout)
+        return {k: float(np.mean([o[k] for o in out])) for k in out[0]}
+
+    def publish_weights(self):
+        return ray.get(self.workers[0].publish_weights.remote(), timeout=self.timeout)[0]
+
+    def save_policy(self, folder: str) -> None:
+        ray.get(self.workers[0].save_policy.remote(str(folder)), timeout=self.timeout)
+
+    def save_state(self, folder: str, client_state: dict) -> None:
+        self._all("save_state", str(folder), client_state)
+
+    def load_state(self, folder: str) -> dict:
+        return self._all("load_state", str(folder))[0]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)

@@ -1,0 +1,27 @@
+"""Demonstrations -> SFT samples: at every step t, the image, the instruction and the tokens of
+the next `chunk` actions (the last action repeats past the end of the demo, so every step of a
+short demo still yields a full chunk)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policy.action_tokenizer import ActionStats, ActionTokenizer
+
+
+def chunk_targets(actions: np.ndarray, chunk: int) -> np.ndarray:
+    """[T, D] -> [T, chunk, D]: row t holds actions t .. t+chunk-1."""
+    T = len(actions)
+    idx = np.minimum(np.arange(T)[:, None] + np.arange(chunk)[None, :], T - 1)
+    return actions[idx]
+
+
+def build_sft_samples(demos, stats: ActionStats, tokenizer: ActionTokenizer, chunk: int):
+    """-> images [N, H, W, 3] uint8, instructions [N], token ids [N, chunk * D]."""
+    images, instructions, tokens = [], [], []
+    for demo in demos:
+        targets = chunk_targets(np.asarray(demo.actions, dtype=np.float64), chunk)  # [T, chunk, D]
+        tokens.append(tokenizer.actions_to_tokens(targets, stats).reshape(len(targets), -1))
+        images.append(np.asarray(demo.images, dtype=np.uint8))
+        instructions.extend([demo.instruction] * len(targets))
+    return np.concatenate(images), instructions, np.concatenate(tokens)

@@ -1,0 +1,101 @@
+"""The policy inference service: a Ray Serve deployment with dynamic batching across every env
+worker, versioned weights, and an atomic hot-swap between batches.
+
+Env workers send one observation per request; `@serve.batch` groups concurrent requests into
+one forward pass. Sampling (training) and greedy (eval) requests can share a batch window; they
+are decoded separately. `set_weights` runs on the replica's event loop like the batch handler,
+so a swap can never interleave with a forward pass: a batch sees one version, whole.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import ray
+import torch
+from ray import serve
+from ray.util import metrics
+
+from common.records import ActionChunk, Observation
+
+APP_NAME = "vla-policy"
+
+
+@serve.deployment(name="Policy", max_ongoing_requests=256,
+                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
+class PolicyDeployment:
+    def __init__(self, policy_path: str, unnorm_key: str | None, dtype: str, version: int = 0, seed: int = 0,
+                 max_batch_size: int = 64, batch_wait_timeout_s: float = 0.005):
+        from policy.checkpoint import load_policy
+
+        torch.set_num_threads(1)
+        self.policy = load_policy(policy_path, unnorm_key=unnorm_key, dtype=dtype)
+        self.policy.model.eval()
+        self.version = version
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(replica.encode()))
+        self.act_batch.set_max_batch_size(max_batch_size)
+        self.act_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_size_hist = metrics.Histogram(
+            "vla_inference_batch_size", "observations per forward pass", boundaries=[1, 2, 4, 8, 16, 32, 64, 128]
+        )
+        self.latency_hist = metrics.Histogram(
+            "vla_inference_latency_seconds", "forward pass latency", boundaries=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2]
+        )
+        self.served = 0
+        self.batches = 0
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def act_batch(self, requests: list[tuple[Observation, float, bool]]) -> list[ActionChunk]:
+        start = time.perf_counter()
+        out: list[ActionChunk | None] = [None] * len(requests)
+        for greedy in (True, False):
+            idx = [i for i, r in enumerate(requests) if r[2] == greedy]
+            if not idx:
+                continue
+            temperature = requests[idx[0]][1]
+            chunks = self.policy.act([requests[i][0] for i in idx], temperature=temperature, greedy=greedy,
+                                     version=self.version, generator=self.generator)
+            for i, c in zip(idx, chunks):
+                out[i] = c
+        self.batch_size_hist.observe(len(requests))
+        self.latency_hist.observe(time.perf_counter() - start)
+        self.served += len(requests)
+        self.batches += 1
+        return out
+
+    async def act(self, observation: Observation, temperature: float = 1.6, greedy: bool = False) -> ActionChunk:
+        return await self.act_batch((observation, temperature, greedy))
+
+    async def set_weights(self, version: int, state_ref_holder: list) -> int:
+        """Swap to `version`. The state dict arrives by object-store ref (wrapped in a list so Serve
+        passes the ref, not the value); loading it is synchronous, hence atomic w.r.t. batches."""
+        state = ray.get(state_ref_holder[0])
+        self.policy.model.load_state_dict(state, strict=True)
+        self.version = version
+        return version
+
+    async def get_version(self) -> int:
+        return self.version
+
+    async def stats(self) -> dict:
+        return {"version": self.version, "served": self.served, "batches": self.batches,
+                "mean_batch_size": self.served / max(self.batches, 1)}
+
+
+def start_policy_service(policy_path: str, cluster_cfg, policy_cfg, seed: int = 0, max_batch_size: int = 64):
+    """Deploy the policy app and return its handle."""
+    options = {"num_replicas": cluster_cfg.serve_replicas,
+               "ray_actor_options": {"num_cpus": cluster_cfg.replica_cpus, "num_gpus": cluster_cfg.replica_gpus}}
+    if "inference" in cluster_cfg.resources:
+        options["ray_actor_options"]["resources"] = {cluster_cfg.resources["inference"]: 0.001}
+    app = PolicyDeployment.options(**options).bind(
+        str(policy_path), policy_cfg.unnorm_key, policy_cfg.dtype, 0, seed, max_batch_size
+    )
+    return serve.run(app, name=APP_NAME, route_prefix=None, logging_config={"enable_access_log": False, "log_level": "WARNING"})
+
+
+def broadcast_weights(handle, version: int, state_ref, timeout_s: float = 120.0) -> list[int]:
+    """Reach every replica (DeploymentHandle.broadcast) and wait until all report `version`."""
+    return handle.broadcast("set_weights", version, [state_ref]).results(timeout_s=timeout_s)
