@@ -34,7 +34,7 @@ class EnvWorkerPool:
         self.max_attempts = max_attempts
         self.workers = [self._spawn() for _ in range(cluster_cfg.num_env_workers)]
         ray.get([w.ready.remote() for w in self.workers], timeout=300)
-        self.pending: dict[ray.ObjectRef, tuple[Episode, ray.ObjectRef, int]] = {}
+        self.pending: dict[ray.ObjectRef, tuple[Episode, ray.ObjectRef, int, object]] = {}
         self.load = [0] * len(self.workers)
         self.rerun = 0
         self.replaced = 0
@@ -58,7 +58,7 @@ class EnvWorkerPool:
         meta_ref, traj_ref = self.workers[index].run_episode.remote(ep.task, ep.init_state, ep.temperature, ep.greedy, ep.record_video)
         ep.attempts += 1
         self.load[index] += 1
-        self.pending[meta_ref] = (ep, traj_ref, index)
+        self.pending[meta_ref] = (ep, traj_ref, index, self.workers[index])
 
     def poll(self, timeout_s: float) -> list[tuple[Episode, dict, ray.ObjectRef]]:
         """Finished episodes as (request, meta, trajectory ref); failed ones are re-submitted."""
@@ -67,17 +67,19 @@ class EnvWorkerPool:
         ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s, fetch_local=True)
         done = []
         for meta_ref in ready:
-            ep, traj_ref, index = self.pending.pop(meta_ref)
-            self.load[index] -= 1
+            ep, traj_ref, index, worker = self.pending.pop(meta_ref)
             try:
                 meta = ray.get(meta_ref, timeout=30)
             except (RayActorError, ActorDiedError, ActorUnavailableError):
-                self._replace(index)
+                if self.workers[index] is worker:  # first failure seen from this worker: replace it once
+                    self._replace(index)
                 self._retry(ep)
                 continue
             except Exception:
+                self.load[index] -= 1
                 self._retry(ep)  # env timeout or env error: the slot was rebuilt; run it again
                 continue
+            self.load[index] -= 1
             done.append((ep, meta, traj_ref))
         return done
 
@@ -93,6 +95,7 @@ class EnvWorkerPool:
         except Exception:
             pass
         self.workers[index] = self._spawn()
+        self.load[index] = sum(1 for *_, i, w in self.pending.values() if i == index and w is self.workers[index])
         self.replaced += 1
 
     def run_all(self, episodes: list[Episode], timeout_s: float) -> list[tuple[Episode, dict, ray.ObjectRef]]:

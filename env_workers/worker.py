@@ -79,6 +79,11 @@ class EnvWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def task_info(self) -> dict:
         env = self.slots[0].env
         return {t: {"instruction": env.instruction(t), "train": env.init_states(t, "train"), "eval": env.init_states(t, "eval")}

@@ -79,6 +79,9 @@ class PolicyDeployment:
     async def get_version(self) -> int:
         return self.version
 
+    async def weights_checksum(self) -> float:
+        return float(sum(p.double().sum() for p in self.policy.model.state_dict().values()))
+
     async def stats(self) -> dict:
         return {"version": self.version, "served": self.served, "batches": self.batches,
                 "mean_batch_size": self.served / max(self.batches, 1)}

@@ -16,12 +16,13 @@ from env_workers.tabletop.env import POS_SCALE, TabletopEnv
 from env_workers.tabletop.scene import BLOCK_HALF, BOWL_BASE, EE_LOW
 from env_workers.tabletop.tasks import Subgoal
 
-CARRY_Z = 0.12  # ee height for moving a held block: its bottom clears the bowl rim and other blocks
+CARRY_Z = 0.10  # ee height for moving a held block: its bottom clears the bowl rim and other blocks
 HOVER_Z = 0.09  # ee height above a block before descending onto it
 PUSH_Z = EE_LOW[2] + 0.005  # fingertips just above the table
 PUSH_BACKOFF = 0.075  # ee start distance behind a block's centre for a push
 PUSH_AHEAD, PUSH_SPEED = 0.02, 0.35  # slow, short shoves keep the block on the fingers' line
-BOWL_SLOTS = (-0.028, 0.028)  # y offsets in the bowl for the 1st and 2nd block of a task
+BOWL_SLOTS = (-0.034, 0.034)  # y offsets in the bowl for the 1st and 2nd block of a task
+DESCEND_XY_TOL = 0.01  # xy error allowed while going down onto a block or a place target
 MAX_DELTA = 0.5  # per-step change of an action dim: smooth demos, no bang-bang
 NOISE = 0.04  # std of the (smoothed) exploration noise, in action units
 
@@ -47,7 +48,9 @@ class ScriptedExpert:
         raw = next(self._plan, None)
         if raw is None:  # script finished but the episode is not over: drift upwards, gripper as is
             raw = np.r_[0.0, 0.0, 0.3, 0, 0, 0, 1.0 if self._close else -1.0]
-        a = self._prev + np.clip(raw - self._prev, -MAX_DELTA, MAX_DELTA)
+        # Limit speeding up only: smooth starts, but stops stay prompt (a lagging stop overshoots).
+        base = np.where(raw * self._prev > 0, self._prev, 0.0)
+        a = np.where(np.abs(raw) > np.abs(base), base + np.clip(raw - base, -MAX_DELTA, MAX_DELTA), raw)
         a[6] = raw[6]  # the gripper is a switch: never smooth it
         self._ou = 0.7 * self._ou + self._rng.normal(0.0, self.noise, 3)
         a[:3] += self._ou * (1.0, 1.0, 0.0 if self._pushing else 1.0)  # z jitter would drag a pushed block up
@@ -84,8 +87,8 @@ class ScriptedExpert:
         sim = self.env.sim
         above = lambda: np.r_[sim.block_pos(block)[:2], HOVER_Z]  # noqa: E731
         yield from self._move(above, close=False, tol=0.015)
-        grasp = lambda: np.r_[sim.block_pos(block)[:2], max(sim.block_pos(block)[2], EE_LOW[2])]  # noqa: E731
-        yield from self._move(grasp, close=False, tol=0.005)
+        grasp_z = lambda: max(sim.block_pos(block)[2], EE_LOW[2])  # noqa: E731
+        yield from self._move(self._descend(lambda: sim.block_pos(block)[:2], grasp_z), close=False, tol=0.005)
         yield from self._grip(close=True)
         up = sim.ee_pos
         yield from self._move(lambda: np.r_[up[:2], CARRY_Z], close=True, tol=0.03)
@@ -96,10 +99,11 @@ class ScriptedExpert:
         above = lambda: np.r_[target()[:2], CARRY_Z]  # noqa: E731
         yield from self._move(above, close=True, tol=0.01)
         low = lambda: target() - offset + (0.0, 0.0, 0.006)  # noqa: E731
-        yield from self._move(low, close=True, tol=0.006)
+        yield from self._move(self._descend(lambda: low()[:2], lambda: low()[2]), close=True, tol=0.006)
         yield from self._grip(close=False)
-        up = sim.ee_pos
-        yield from self._move(lambda: up + (0.0, 0.0, 0.06), close=False, tol=0.02)
+        # Straight up until the fingertips clear the released block, or moving on drags it along.
+        up = np.r_[sim.ee_pos[:2], max(sim.ee_pos[2] + 0.05, CARRY_Z)]
+        yield from self._move(lambda: up, close=False, tol=0.01)
 
     def _push(self, block: str, zone: str) -> Iterator[np.ndarray]:
         sim = self.env.sim
@@ -140,6 +144,17 @@ class ScriptedExpert:
         self._close = close
         d = (target - self.env.sim.ee_target) / POS_SCALE
         return np.r_[np.clip(d, -speed, speed), 0.0, 0.0, 0.0, 1.0 if close else -1.0]
+
+    def _descend(self, xy: Callable[[], np.ndarray], z: Callable[[], float]) -> Target:
+        """Go down only while above the xy goal, so fingers never land on the block's edge."""
+        sim = self.env.sim
+
+        def target() -> np.ndarray:
+            goal = xy()
+            aligned = np.linalg.norm(goal - sim.ee_pos[:2]) < DESCEND_XY_TOL
+            return np.r_[goal, z() if aligned else sim.ee_pos[2]]
+
+        return target
 
     def _move(self, target: Target, close: bool, tol: float, max_steps: int = 40) -> Iterator[np.ndarray]:
         for _ in range(max_steps):

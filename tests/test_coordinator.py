@@ -1,0 +1,91 @@
+"""Dynamic sampling, surplus, the lag filter, and the bounded trajectory queue."""
+
+import pytest
+import ray
+
+from actors.coordinator import InitStateSampler, RolloutCoordinator
+from common.config import RolloutConfig
+
+
+def _feed(coord, group_id, key, successes, version=0):
+    from actors.coordinator import Group
+
+    coord.open_groups[group_id] = Group(key)
+    for s in successes:
+        coord._add({"group": group_id, "task": key[0], "init_state": key[1], "success": bool(s),
+                    "env_steps": 10, "policy_version": version, "ref": [None]})
+
+
+def _coordinator(**kw):
+    cfg = RolloutConfig(group_size=8, **kw)
+    return RolloutCoordinator(cfg, pool=None, queue=None, sampler=InitStateSampler([("a", 0)], seed=0))
+
+
+def test_all_success_and_all_fail_groups_are_dropped():
+    coord = _coordinator()
+    _feed(coord, 0, ("a", 0), [1] * 8)
+    _feed(coord, 1, ("a", 1), [0] * 8)
+    _feed(coord, 2, ("a", 2), [1] + [0] * 7)
+    _feed(coord, 3, ("a", 3), [1] * 7 + [0])
+    assert [g.key for g in coord.ready] == [("a", 2), ("a", 3)]
+    assert (coord.stats.groups_filtered, coord.stats.groups_kept) == (2, 2)
+
+
+def test_batch_is_always_full_and_surplus_is_kept_for_the_next_step():
+    coord = _coordinator(groups_per_batch=2)
+    for i in range(5):
+        _feed(coord, i, ("a", i), [1, 0, 0, 0, 0, 0, 0, 0])
+    batch = coord.next_batch(2, current_version=0, timeout_s=10)
+    assert len(batch) == 2 and [g.key[1] for g in batch] == [0, 1]
+    assert [g.key[1] for g in coord.ready] == [2, 3, 4]
+    batch = coord.next_batch(2, current_version=1, timeout_s=10)
+    assert [g.key[1] for g in batch] == [2, 3] and len(coord.ready) == 1
+
+
+def test_surplus_is_discarded_when_keep_surplus_is_off():
+    coord = _coordinator(keep_surplus=False)
+    for i in range(3):
+        _feed(coord, i, ("a", i), [1, 0, 0, 0, 0, 0, 0, 0])
+    assert len(coord.next_batch(1, 0, timeout_s=10)) == 1 and coord.ready == []
+
+
+# strict mode (lag 0) still lets surplus groups lag one version unless keep_surplus is off
+@pytest.mark.parametrize("max_lag,keep_surplus,current,kept", [
+    (0, True, 1, [0, 1, 2]), (0, True, 2, [1, 2]), (0, False, 2, [2]), (0, False, 1, [1, 2]),
+    (2, True, 3, [1, 2]), (2, True, 4, [2]),
+])
+def test_groups_older_than_the_allowed_lag_are_dropped(max_lag, keep_surplus, current, kept):
+    coord = _coordinator(max_policy_lag=max_lag, keep_surplus=keep_surplus)
+    for gid, version in enumerate([0, 1, 2]):
+        _feed(coord, gid, ("a", gid), [1, 0, 0, 0, 0, 0, 0, 0], version=version)
+    coord.drop_stale(current)
+    assert [g.policy_version for g in coord.ready] == kept
+    assert coord.stats.groups_stale == 3 - len(kept)
+
+
+def test_sampler_cycles_every_pair_and_resumes_exactly():
+    pairs = [(t, s) for t in "ab" for s in range(3)]
+    a = InitStateSampler(pairs, seed=1)
+    first = [a.next() for _ in range(6)]
+    assert sorted(first) == sorted(pairs)
+    state = a.state()
+    rest = [a.next() for _ in range(5)]
+    b = InitStateSampler(pairs, seed=1)
+    b.load(state)
+    assert [b.next() for _ in range(5)] == rest
+
+
+def test_queue_holds_refs_applies_backpressure_and_drops_stale(ray_cluster):
+    from actors.trajectory_queue import TrajectoryQueue
+
+    q = TrajectoryQueue.remote(2)
+    payload = ray.put("trajectory")
+    assert ray.get(q.put.remote({"policy_version": 0, "ref": [payload]}))
+    assert ray.get(q.put.remote({"policy_version": 1, "ref": [payload]}))
+    assert ray.get(q.put.remote({"policy_version": 1, "ref": [payload]}, timeout_s=0.2)) is False  # full
+    assert ray.get(q.drop_older_than.remote(1)) == 1
+    items = ray.get(q.get.remote(10))
+    assert len(items) == 1 and isinstance(items[0]["ref"][0], ray.ObjectRef)
+    assert ray.get(items[0]["ref"][0]) == "trajectory"
+    assert ray.get(q.get.remote(1, timeout_s=0.1)) == []
+    ray.kill(q)
