@@ -5,8 +5,10 @@ chunk -> env steps until the episode ends, and gives the slot back at once, so a
 never waits for the others (no lock-step padding to the step limit, no inference for finished
 envs). Concurrency = number of slots; further calls queue on the actor.
 
-Every env call runs on the slot's own thread (GL contexts are thread-bound) under a deadline;
-a slot whose call times out is rebuilt and the episode fails (the caller re-runs it).
+Every env call runs on the worker's one sim thread under a deadline: GL contexts are bound to the
+thread that made them, and software GL (llvmpipe) crashes when several threads of one process
+render at once. A call that times out rebuilds the thread and all envs, and the episode fails
+(the caller re-runs it).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class EnvTimeout(RuntimeError):
 
 
 class EnvSlot:
-    def __init__(self, env_cfg: EnvConfig):
+    def __init__(self, env_cfg: EnvConfig, executor: ThreadPoolExecutor):
         self.env_cfg = env_cfg
-        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.executor = executor
         self.env = self.executor.submit(self._make).result()
 
     def _make(self):
@@ -58,7 +60,6 @@ class EnvSlot:
             self.executor.submit(self.env.close).result(timeout=5)
         except Exception:
             pass
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 @ray.remote
@@ -71,10 +72,16 @@ class EnvWorker:
         self.app_name = app_name
         self.policy_timeout_s = policy_timeout_s
         self.gripper = GRIPPER[env_cfg.backend]
-        self.slots = [EnvSlot(env_cfg) for _ in range(num_envs)]
+        self.num_envs = num_envs
+        self._build_slots()
         self.free: asyncio.Queue | None = None
         self.handle = None
         self.env_steps = 0
+
+    def _build_slots(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim")
+        self.slots = [EnvSlot(self.env_cfg, self.executor) for _ in range(self.num_envs)]
+        self.free = None  # refilled lazily from the new slots
 
     def ready(self) -> bool:
         return True
@@ -103,18 +110,17 @@ class EnvWorker:
         """-> (meta dict, Trajectory). Two returns so the caller can read `meta` (tiny) without
         pulling the images of the trajectory."""
         self._lazy_init()
-        slot = await self.free.get()
-        broken = False
+        free = self.free
+        slot = await free.get()
         try:
             return await self._episode(slot, task, init_state, temperature, greedy, record_video)
         except EnvTimeout:
-            broken = True
+            if free is self.free:  # first timeout seen: abandon the stuck thread, rebuild every env
+                self.executor.shutdown(wait=False, cancel_futures=True)
+                self._build_slots()
             raise
         finally:
-            if broken:
-                slot.close()
-                slot = EnvSlot(self.env_cfg)
-            self.free.put_nowait(slot)
+            free.put_nowait(slot)
 
     async def _episode(self, slot: EnvSlot, task, init_state, temperature, greedy, record_video):
         start = time.perf_counter()
@@ -155,3 +161,4 @@ class EnvWorker:
     def close(self):
         for slot in self.slots:
             slot.close()
+        self.executor.shutdown(wait=False)

@@ -10,6 +10,9 @@ blocks start exactly at rest on the table, so there is nothing to wait for (and 
 
 from __future__ import annotations
 
+import atexit
+import weakref
+
 import mujoco
 import numpy as np
 
@@ -107,7 +110,9 @@ class TabletopEnv:
     def render(self) -> np.ndarray:
         r = self._renderers[self.task.layout.name]
         r.update_scene(self.sim.data, camera="agentview")
-        return r.render()
+        image = r.render()
+        _release_egl(r)
+        return image
 
     def check_success(self) -> bool:
         """Re-evaluate the success predicate now (after tests edit the sim state)."""
@@ -122,6 +127,10 @@ class TabletopEnv:
                 sim.model.vis.global_.offwidth = sim.model.vis.global_.offheight = size
             self._sims[layout.name] = sim
             self._renderers[layout.name] = mujoco.Renderer(sim.model, size, size)
+            if len(self._renderers) == 1:
+                # Registered after EGL's own exit hook, so it runs first: GL contexts freed after
+                # eglTerminate print tracebacks at interpreter exit when an env was not closed.
+                atexit.register(_close_if_alive, weakref.ref(self))
         return self._sims[layout.name]
 
     def __enter__(self):
@@ -129,3 +138,20 @@ class TabletopEnv:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _close_if_alive(ref: weakref.ref) -> None:
+    env = ref()
+    if env is not None:
+        env.close()
+
+
+def _release_egl(renderer: mujoco.Renderer) -> None:
+    """Unbind an EGL context from this thread after rendering. An EGL context can be current in
+    one thread only, so without this the next render from another thread (thread pools, tests)
+    fails with EGL_BAD_ACCESS. Costs microseconds; other GL backends need nothing."""
+    ctx = getattr(renderer, "_gl_context", None)
+    if ctx is not None and type(ctx).__module__ == "mujoco.egl":
+        import mujoco.egl as egl
+
+        egl.EGL.eglMakeCurrent(egl.EGL_DISPLAY, egl.EGL.EGL_NO_SURFACE, egl.EGL.EGL_NO_SURFACE, egl.EGL.EGL_NO_CONTEXT)

@@ -68,7 +68,7 @@ class ScriptedExpert:
                 yield from self._push(block, target)
             else:
                 yield from self._pick(block)
-                yield from self._place(self._place_target(sub, k, len(goal)))
+                yield from self._place(block, self._place_target(sub, k, len(goal)))
 
     def _place_target(self, sub: Subgoal, k: int, n: int) -> Target:
         """Where the held block's centre should go (re-read every step: targets may move)."""
@@ -93,9 +93,10 @@ class ScriptedExpert:
         up = sim.ee_pos
         yield from self._move(lambda: np.r_[up[:2], CARRY_Z], close=True, tol=0.03)
 
-    def _place(self, target: Target) -> Iterator[np.ndarray]:
+    def _place(self, block: str, target: Target) -> Iterator[np.ndarray]:
         sim = self.env.sim
-        offset = self._held_offset()
+        # Held block centre minus ee point, measured after the grasp (the grip height varies).
+        offset = sim.block_pos(block) - sim.ee_pos if sim.touching_gripper(block) else np.zeros(3)
         above = lambda: np.r_[target()[:2], CARRY_Z]  # noqa: E731
         yield from self._move(above, close=True, tol=0.01)
         low = lambda: target() - offset + (0.0, 0.0, 0.006)  # noqa: E731
@@ -168,21 +169,8 @@ class ScriptedExpert:
         hold = self.env.sim.ee_target
         for i in range(max_steps):
             yield self._toward(hold, close)
-            if i + 1 >= min_steps and self._finger_speed() < 0.01:
+            if i + 1 >= min_steps and self.env.sim.finger_speed < 0.01:
                 return
-
-    def _finger_speed(self) -> float:
-        sim = self.env.sim
-        adr = [sim.model.jnt_dofadr[sim.model.joint(f"finger_{s}").id] for s in "lr"]
-        return float(np.abs(sim.data.qvel[adr]).max())
-
-    def _held_offset(self) -> np.ndarray:
-        """Held block centre minus ee point, measured after the grasp (the grip height varies)."""
-        sim = self.env.sim
-        for c in sim.blocks:
-            if sim.touching_gripper(c):
-                return sim.block_pos(c) - sim.ee_pos
-        return np.zeros(3)
 
 
 def run_expert(env: TabletopEnv, task: str, init_state: int, seed: int = 0, noise: float = NOISE):

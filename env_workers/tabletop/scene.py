@@ -4,15 +4,18 @@ One model per layout (only the objects a layout uses exist, so no parked distrac
 is a Cartesian gripper: three world-axis slide joints under stiff position servos (gravity
 compensated) carry a palm with two slide-joint fingers. That is cheaper and steadier than a mocap
 weld, cannot tunnel through the table, and its state is plain qpos, so resets are exact.
-Rendering is tuned for software GL: no shadows, no multisampling, no textures or reflections.
+Rendering is tuned for software GL: no multisampling, textures or reflections, and one small
+shadow map (an overhead light's shadow tells a low-res policy where the gripper is above the table).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
-import mujoco
-import numpy as np
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless default; must be set before mujoco is imported
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
 
 # Bold, mutually distinct colours: a tiny policy sees 64-128 px images.
 COLORS = {
@@ -38,13 +41,13 @@ FINGER_HALF = (0.006, 0.015, 0.03)  # x (thickness: fingers close along x, seen 
 FINGER_Z = 0.01  # finger centre above the ee point: tips sit 2 cm below the grasp centre
 EE_HOME = (0.0, 0.0, 0.18)
 # Ee point limits: tips stay 5 mm above the table; the box keeps the gripper in view.
-EE_LOW = np.array([-0.28, -0.24, FINGER_HALF[2] - FINGER_Z + 0.005])
-EE_HIGH = np.array([0.28, 0.24, 0.25])
+EE_LOW = np.array([-0.25, -0.2, FINGER_HALF[2] - FINGER_Z + 0.005])
+EE_HIGH = np.array([0.25, 0.2, 0.25])
 
 TIMESTEP = 0.002
 CONTROL_DT = 0.05  # 20 Hz like LIBERO
 SHADOW = 256
-CAM_POS, CAM_TARGET, CAM_FOVY = (0.0, -0.40, 0.86), (0.0, 0.03, 0.0), 35  # fits the workspace, ~63 deg down
+CAM_POS, CAM_TARGET, CAM_FOVY = (0.0, -0.36, 0.84), (0.0, 0.05, 0.0), 30  # fits the workspace, ~63 deg down
 
 
 def _f(v) -> str:
@@ -162,7 +165,8 @@ class Sim:
         self._block_geom = {c: name2id(mujoco.mjtObj.mjOBJ_GEOM, f"block_{c}") for c in self.blocks}
         self._fixture_body = {n: name2id(mujoco.mjtObj.mjOBJ_BODY, n) for n in (["bowl"] if bowl else [])}
         self._fixture_body.update({f"zone_{c}": name2id(mujoco.mjtObj.mjOBJ_BODY, f"zone_{c}") for c in self.zones})
-        self.gripper_geoms = frozenset(name2id(mujoco.mjtObj.mjOBJ_GEOM, n) for n in ("palm", "finger_l", "finger_r"))
+        self._finger_dofadr = [m.jnt_dofadr[name2id(mujoco.mjtObj.mjOBJ_JOINT, f"finger_{s}")] for s in "lr"]
+        self._gripper_geoms = np.array([name2id(mujoco.mjtObj.mjOBJ_GEOM, n) for n in ("palm", "finger_l", "finger_r")])
 
     # --- state setting (used by reset and by tests) ---
     def reset(self, placements: dict[str, tuple[float, ...]]) -> None:
@@ -214,13 +218,12 @@ class Sim:
     def fixture_pos(self, name: str) -> np.ndarray:
         return self.model.body_pos[self._fixture_body[name]].copy()
 
-    def touching_gripper(self, color: str) -> bool:
-        g = self._block_geom[color]
-        for c in self.data.contact[: self.data.ncon]:
-            if (c.geom1 == g and c.geom2 in self.gripper_geoms) or (c.geom2 == g and c.geom1 in self.gripper_geoms):
-                return True
-        return False
+    @property
+    def finger_speed(self) -> float:
+        return float(np.abs(self.data.qvel[self._finger_dofadr]).max())
 
-    def touching(self, color_a: str, color_b: str) -> bool:
-        ga, gb = self._block_geom[color_a], self._block_geom[color_b]
-        return any({c.geom1, c.geom2} == {ga, gb} for c in self.data.contact[: self.data.ncon])
+    def touching_gripper(self, color: str) -> bool:
+        pairs = self.data.contact.geom[: self.data.ncon]
+        g = self._block_geom[color]
+        other = np.where(pairs[:, 0] == g, pairs[:, 1], np.where(pairs[:, 1] == g, pairs[:, 0], -1))
+        return bool(np.isin(other, self._gripper_geoms).any())

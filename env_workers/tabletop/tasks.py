@@ -18,11 +18,12 @@ from env_workers.tabletop.scene import BLOCK_HALF, BOWL_BASE, BOWL_INNER_R, BOWL
 SUITE = "tabletop"
 
 # Where objects may start: inside the camera view with room for the gripper around them.
-X_RANGE, Y_RANGE = (-0.2, 0.2), (-0.15, 0.15)
+X_RANGE, Y_RANGE = (-0.17, 0.17), (-0.12, 0.12)
 FIXTURE_SHRINK = 0.05  # the bowl and zones are wider than a block: keep them whole in view
 YAW_RANGE = (-0.35, 0.35)  # the gripper cannot turn; closing squares up a block this far off
 BLOCK_GAP = 0.11  # centre distance: an open finger fits between two blocks
-BOWL_CLEAR = BOWL_INNER_R + BOWL_WALL + 0.075  # block centre to bowl centre
+BOWL_CLEAR = BOWL_INNER_R + BOWL_WALL + 0.06  # block centre to bowl centre: open fingers miss the rim
+ZONE_CLEAR = ZONE_HALF + BLOCK_HALF * math.sqrt(2) + 0.01  # block centre to zone centre, per axis
 
 
 @dataclass(frozen=True)
@@ -47,21 +48,22 @@ class Layout:
             return np.array([rng.uniform(X_RANGE[0] + shrink, X_RANGE[1] - shrink), rng.uniform(Y_RANGE[0] + shrink, Y_RANGE[1] - shrink)])
 
         out: dict[str, tuple[float, ...]] = {}
-        fixtures: list[tuple[np.ndarray, float]] = []  # (centre, clearance a block centre needs)
+        bowl, zones = None, []
         if self.bowl:
-            c = xy(FIXTURE_SHRINK)
-            out["bowl"] = tuple(c)
-            fixtures.append((c, BOWL_CLEAR))
+            bowl = xy(FIXTURE_SHRINK)
+            out["bowl"] = tuple(bowl)
         for z in self.zones:
             c = xy(FIXTURE_SHRINK)
-            if any(np.linalg.norm(c - f) < ZONE_HALF * 2.6 for f, _ in fixtures):
+            if any(np.abs(c - f).max() < 2 * ZONE_HALF + 0.02 for f in zones):
                 return None
             out[f"zone_{z}"] = tuple(c)
-            fixtures.append((c, ZONE_HALF * math.sqrt(2) + BLOCK_HALF + 0.03))
+            zones.append(c)
         placed: list[np.ndarray] = []
         for b in self.blocks:
             c = xy()
-            if any(np.linalg.norm(c - f) < clear for f, clear in fixtures):
+            if bowl is not None and np.linalg.norm(c - bowl) < BOWL_CLEAR:
+                return None
+            if any(np.abs(c - f).max() < ZONE_CLEAR for f in zones):  # start fully off every zone
                 return None
             if any(np.linalg.norm(c - q) < BLOCK_GAP for q in placed):
                 return None
