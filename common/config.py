@@ -47,6 +47,9 @@ class PolicyConfig(Section):
     action_dims: int = Field(7, gt=0)
     unnorm_key: str | None = None
     attention: Literal["bidirectional", "causal"] = "bidirectional"
+    action_queries: Literal["zeros", "learned"] = Field(
+        "zeros", description="zeros = OpenVLA-OFT; learned = one embedding per action token (small models from scratch)"
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
 
     @model_validator(mode="after")

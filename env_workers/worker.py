@@ -155,6 +155,30 @@ class EnvWorker:
                 "frames": np.stack(frames) if record_video and frames else None}
         return meta, traj
 
+    async def run_lockstep(self, requests: list[tuple[str, int]], temperature: float) -> dict:
+        """Baseline for benchmarks: the original's lock-step rollout. All envs step together and
+        keep querying the policy until the step limit, even after their episode ended."""
+        self._lazy_init()
+        slots = [await self.free.get() for _ in requests]
+        try:
+            obs = [await s.call("reset", t, i) for s, (t, i) in zip(slots, requests)]
+            done, useful, queries = [False] * len(slots), 0, 0
+            for _ in range(-(-self.env_cfg.max_steps // 8)):
+                chunks = await asyncio.gather(*[_resolve(self.handle.act.remote(o, temperature, False)) for o in obs])
+                queries += len(chunks)
+                for j, (slot, chunk) in enumerate(zip(slots, chunks)):
+                    for action in postprocess_gripper(chunk.actions, **self.gripper):
+                        if done[j]:
+                            break  # the env is finished: the original pads, costing the inference above
+                        result = await slot.call("step", action)
+                        useful += 1
+                        obs[j], done[j] = result.observation, result.done
+            self.env_steps += useful
+            return {"env_steps": useful, "queries": queries}
+        finally:
+            for s in slots:
+                self.free.put_nowait(s)
+
     def total_env_steps(self) -> int:
         return self.env_steps
 

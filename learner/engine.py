@@ -108,7 +108,7 @@ class LearnerEngine:
         for start in range(0, len(images), self.micro_batch):
             sl = slice(start, start + self.micro_batch)
             logits = self.policy.action_logits(images[sl], instructions[sl])  # [M, A, 256]
-            target = torch.from_numpy(tokens[sl]) - self.policy.action_tokenizer.first_id  # [M, A]
+            target = torch.tensor(tokens[sl]) - self.policy.action_tokenizer.first_id  # [M, A]
             loss = sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
             self.engine.backward(loss)
             self.engine.step()

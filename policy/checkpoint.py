@@ -53,6 +53,7 @@ def arch_from_config(cfg: PolicyConfig) -> VLAConfig:
         action_chunk=cfg.action_chunk,
         action_dims=cfg.action_dims,
         attention=cfg.attention,
+        action_queries=cfg.action_queries,
     )
 
 

@@ -40,6 +40,7 @@ class VLAConfig:
     action_chunk: int = 8
     action_dims: int = 7
     attention: str = "bidirectional"
+    action_queries: str = "zeros"  # zeros (OpenVLA-OFT) | learned (one embedding per action token)
 
     @property
     def num_action_tokens(self) -> int:
@@ -137,6 +138,11 @@ class OpenVLAOFTPolicy(nn.Module):
         self.language_model = LlamaForCausalLM(text)
         self.projector = Projector(self.vision_backbone.embed_dim, text.hidden_size, fused=cfg.vision_backbone == "dinosiglip")
         self.action_first_id = cfg.vocab_size - cfg.n_action_bins
+        # OFT feeds zero embeddings at the action positions; a small model trained from scratch
+        # learns far faster with one learned query per action token (opt-in, off for OFT checkpoints).
+        self.action_queries = (
+            nn.Parameter(0.02 * torch.randn(cfg.num_action_tokens, text.hidden_size)) if cfg.action_queries == "learned" else None
+        )
 
     def action_logits(
         self,
@@ -166,6 +172,10 @@ class OpenVLAOFTPolicy(nn.Module):
         action_start = P + prompt_lengths  # [B] first placeholder position
         stop_pos = action_start + A
         seq[torch.arange(B, device=device), stop_pos] = stop[:, 0]
+        if self.action_queries is not None:
+            action_pos = action_start[:, None] + torch.arange(A, device=device)[None, :]  # [B, A]
+            seq = seq.scatter_add(1, action_pos[..., None].expand(B, A, seq.shape[-1]),
+                                  self.action_queries[None].expand(B, -1, -1).to(seq.dtype))
         length = stop_pos + 1  # [B] real sequence length
 
         positions = torch.arange(L, device=device)

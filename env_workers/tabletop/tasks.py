@@ -24,6 +24,10 @@ YAW_RANGE = (-0.35, 0.35)  # the gripper cannot turn; closing squares up a block
 BLOCK_GAP = 0.11  # centre distance: an open finger fits between two blocks
 BOWL_CLEAR = BOWL_INNER_R + BOWL_WALL + 0.06  # block centre to bowl centre: open fingers miss the rim
 ZONE_CLEAR = ZONE_HALF + BLOCK_HALF * math.sqrt(2) + 0.01  # block centre to zone centre, per axis
+# LIBERO-style initial states: every state perturbs one fixed nominal scene of its layout by a few
+# cm, so a single demonstration covers the neighbourhood the policy will start in.
+INIT_NOISE = 0.035  # metres, per axis
+YAW_NOISE = 0.25  # radians
 
 
 @dataclass(frozen=True)
@@ -35,32 +39,53 @@ class Layout:
     push_paths: bool = False  # keep every block's straight path to the zone free of the others
 
     def sample(self, seed: int) -> dict[str, tuple[float, ...]]:
-        """Placements {block: (x, y, yaw), fixture: (x, y)}, a pure function of (layout, seed)."""
+        """Placements {block: (x, y, yaw), fixture: (x, y)}, a pure function of (layout, seed):
+        the layout's nominal scene with every object moved by up to INIT_NOISE."""
+        nominal = self.nominal()
         rng = np.random.default_rng([zlib.crc32(self.name.encode()), int(seed)])
         for _ in range(10_000):
-            p = self._draw(rng)
+            p = self._draw(rng, nominal)
             if p is not None:
                 return p
         raise RuntimeError(f"layout {self.name}: no valid placement for seed {seed}")
 
-    def _draw(self, rng: np.random.Generator) -> dict | None:
-        def xy(shrink: float = 0.0) -> np.ndarray:
-            return np.array([rng.uniform(X_RANGE[0] + shrink, X_RANGE[1] - shrink), rng.uniform(Y_RANGE[0] + shrink, Y_RANGE[1] - shrink)])
+    def nominal(self) -> dict[str, tuple[float, ...]]:
+        """The layout's fixed scene: one valid uniform draw from a reserved seed."""
+        if "_nominal" not in self.__dict__:
+            rng = np.random.default_rng([zlib.crc32(self.name.encode()), 2**31 - 1])
+            p = None
+            while p is None:
+                p = self._draw(rng, None)
+            object.__setattr__(self, "_nominal", p)
+        return self.__dict__["_nominal"]
+
+    def _draw(self, rng: np.random.Generator, nominal: dict | None) -> dict | None:
+        def xy(name: str, shrink: float = 0.0) -> np.ndarray:
+            lo = np.array([X_RANGE[0] + shrink, Y_RANGE[0] + shrink])
+            hi = np.array([X_RANGE[1] - shrink, Y_RANGE[1] - shrink])
+            if nominal is None:
+                return rng.uniform(lo, hi)
+            return np.clip(np.array(nominal[name][:2]) + rng.uniform(-INIT_NOISE, INIT_NOISE, 2), lo, hi)
+
+        def yaw(name: str) -> float:
+            if nominal is None:
+                return float(rng.uniform(*YAW_RANGE))
+            return float(np.clip(nominal[name][2] + rng.uniform(-YAW_NOISE, YAW_NOISE), *YAW_RANGE))
 
         out: dict[str, tuple[float, ...]] = {}
         bowl, zones = None, []
         if self.bowl:
-            bowl = xy(FIXTURE_SHRINK)
+            bowl = xy("bowl", FIXTURE_SHRINK)
             out["bowl"] = tuple(bowl)
         for z in self.zones:
-            c = xy(FIXTURE_SHRINK)
+            c = xy(f"zone_{z}", FIXTURE_SHRINK)
             if any(np.abs(c - f).max() < 2 * ZONE_HALF + 0.02 for f in zones):
                 return None
             out[f"zone_{z}"] = tuple(c)
             zones.append(c)
         placed: list[np.ndarray] = []
         for b in self.blocks:
-            c = xy()
+            c = xy(b)
             if bowl is not None and np.linalg.norm(c - bowl) < BOWL_CLEAR:
                 return None
             if any(np.abs(c - f).max() < ZONE_CLEAR for f in zones):  # start fully off every zone
@@ -68,7 +93,7 @@ class Layout:
             if any(np.linalg.norm(c - q) < BLOCK_GAP for q in placed):
                 return None
             placed.append(c)
-            out[b] = (float(c[0]), float(c[1]), float(rng.uniform(*YAW_RANGE)))
+            out[b] = (float(c[0]), float(c[1]), yaw(b))
         if self.push_paths and not self._paths_clear(out):
             return None
         return out
