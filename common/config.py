@@ -47,6 +47,8 @@ class PolicyConfig(Section):
     action_dims: int = Field(7, gt=0)
     unnorm_key: str | None = None
     attention: Literal["bidirectional", "causal"] = "bidirectional"
+    use_proprio: bool = Field(False, description="one projected proprio token after the image patches")
+    proprio_dim: int = Field(8, gt=0)
     action_queries: Literal["zeros", "learned"] = Field(
         "zeros", description="zeros = OpenVLA-OFT; learned = one embedding per action token (small models from scratch)"
     )

@@ -65,7 +65,13 @@ def _demo(cfg):
     run_demo(cfg)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "sft": _sft, "demo": _demo}
+def _serve(cfg, args):
+    from deploy.serve import run_serve
+
+    run_serve(cfg, host=args.host, port=args.port, token_file=args.token_file, auth=not args.no_auth)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "sft": _sft, "demo": _demo, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,12 +81,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    serve = parser.add_argument_group("serve (the HTTP policy API, docs/serving.md)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token-file", default=None, help="file holding the Bearer token (else $VLA_API_TOKEN)")
+    serve.add_argument("--no-auth", action="store_true", help="serve without a token (trusted networks only)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         sys.exit(str(err))
-    COMMANDS[args.command](cfg)
+    if args.command == "serve":
+        _serve(cfg, args)
+    else:
+        COMMANDS[args.command](cfg)
 
 
 if __name__ == "__main__":

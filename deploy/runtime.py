@@ -24,8 +24,9 @@ def init_ray(cfg: RunConfig, num_cpus: int | None = None) -> None:
     env_vars = {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **WORKER_ENV}
     kwargs = dict(runtime_env={"env_vars": env_vars}, include_dashboard=False, logging_level="WARNING",
                   log_to_driver=True)
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, **kwargs)
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
+    if address:
+        ray.init(address=address, **kwargs)
     else:
         extra = {"_metrics_export_port": cfg.logging.metrics_port} if cfg.logging.metrics_port else {}
         ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 2, 2), **kwargs, **extra)

@@ -55,7 +55,7 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
         policy = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, unnorm_key=cfg.policy.unnorm_key)
     else:
         policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": key}), norm_stats, seed=cfg.seed)
-    images, instructions, tokens = build_sft_samples(demos, policy.stats, policy.action_tokenizer, cfg.policy.action_chunk)
+    images, instructions, tokens, proprio = build_sft_samples(demos, policy.stats, policy.action_tokenizer, cfg.policy.action_chunk)
     init_folder = save_policy(policy, Path(cfg.run_dir) / "sft_init")
     log(f"SFT: {len(demos)} demos ({cfg.sft.demos_per_task}/task), {len(images)} samples, {cfg.sft.steps} steps")
 
@@ -66,7 +66,8 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
         losses, start = [], time.monotonic()
         for step in range(cfg.sft.steps):
             idx = rng.choice(len(images), size=cfg.sft.batch_size, replace=len(images) < cfg.sft.batch_size)
-            stats = learner.sft_step(images[idx], [instructions[i] for i in idx], tokens[idx])
+            stats = learner.sft_step(images[idx], [instructions[i] for i in idx], tokens[idx],
+                                     None if proprio is None or not policy.uses_proprio else proprio[idx])
             losses.append(stats["loss"])
             if (step + 1) % max(1, cfg.sft.steps // 10) == 0:
                 log(f"  sft step {step + 1:5d}/{cfg.sft.steps}  loss {np.mean(losses[-20:]):.4f}  ({time.monotonic() - start:.0f}s)")

@@ -125,12 +125,13 @@ class EnvWorker:
     async def _episode(self, slot: EnvSlot, task, init_state, temperature, greedy, record_video):
         start = time.perf_counter()
         obs = await slot.call("reset", task, init_state)
-        images, tokens, logprobs, executed, versions, frames = [], [], [], [], [], []
+        images, tokens, logprobs, executed, versions, frames, proprio = [], [], [], [], [], [], []
         steps, success, done = 0, False, False
         while not done:
             response = self.handle.act.remote(obs, temperature, greedy)
             chunk = await asyncio.wait_for(_resolve(response), timeout=self.policy_timeout_s)
             images.append(obs.image)
+            proprio.append(obs.proprio)
             tokens.append(chunk.tokens)
             logprobs.append(chunk.logprobs)
             versions.append(chunk.policy_version)
@@ -149,7 +150,8 @@ class EnvWorker:
         self.env_steps += steps
         traj = Trajectory(task=task, init_state=init_state, instruction=obs.instruction, images=np.stack(images),
                           tokens=np.stack(tokens), logprobs=np.stack(logprobs), executed=np.stack(executed),
-                          success=success, env_steps=steps, policy_version=min(versions))
+                          success=success, env_steps=steps, policy_version=min(versions),
+                          proprio=None if proprio[0] is None else np.stack(proprio).astype(np.float32))
         meta = {"task": task, "init_state": init_state, "success": success, "env_steps": steps,
                 "policy_version": min(versions), "num_chunks": len(images), "seconds": time.perf_counter() - start,
                 "frames": np.stack(frames) if record_video and frames else None}

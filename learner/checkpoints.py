@@ -66,7 +66,8 @@ def save_trajectories(trajs: list[Trajectory], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, t in enumerate(trajs):
         meta = {f.name: getattr(t, f.name) for f in fields(t) if f.init and f.name not in ARRAYS + ("proprio",)}
-        np.savez(folder / f"{i:05d}.npz", meta=json.dumps(meta), **{k: getattr(t, k) for k in ARRAYS})
+        extra = {"proprio": t.proprio} if t.proprio is not None else {}
+        np.savez(folder / f"{i:05d}.npz", meta=json.dumps(meta), **{k: getattr(t, k) for k in ARRAYS}, **extra)
 
 
 def load_trajectories(folder: Path) -> list[Trajectory]:
@@ -74,5 +75,6 @@ def load_trajectories(folder: Path) -> list[Trajectory]:
     for path in sorted(Path(folder).glob("*.npz")):
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            out.append(Trajectory(**meta, **{k: z[k] for k in ARRAYS}))
+            proprio = z["proprio"] if "proprio" in z.files else None
+            out.append(Trajectory(**meta, **{k: z[k] for k in ARRAYS}, proprio=proprio))
     return out

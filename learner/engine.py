@@ -68,7 +68,8 @@ class LearnerEngine:
         images = np.concatenate([t.images for t in trajs])  # [sum T, H, W, 3]
         instructions = [t.instruction for t in trajs for _ in range(t.num_chunks)]
         tokens = torch.from_numpy(np.concatenate([t.tokens.reshape(t.num_chunks, -1) for t in trajs]))  # [sum T, A]
-        logp, entropy = self.policy.token_log_probs(images, instructions, tokens, temperature)  # [sum T, A]
+        proprio = np.concatenate([t.proprio for t in trajs]) if self.policy.uses_proprio else None
+        logp, entropy = self.policy.token_log_probs(images, instructions, tokens, temperature, proprio)  # [sum T, A]
         sizes = [t.num_chunks for t in trajs]
         pad = lambda x: pad_sequence([c.reshape(-1) for c in torch.split(x, sizes)], batch_first=True)  # noqa: E731
         return pad(logp), pad(entropy)  # [B, L]
@@ -102,12 +103,12 @@ class LearnerEngine:
         return StepStats(loss=means.pop("loss"), grad_norm=self._grad_norm(), extra=means)
 
     # --- SFT --------------------------------------------------------------------------------
-    def sft_minibatch(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray) -> StepStats:
+    def sft_minibatch(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio=None) -> StepStats:
         """Cross-entropy on action tokens; images [N, H, W, 3], tokens [N, A] action ids."""
         losses = []
         for start in range(0, len(images), self.micro_batch):
             sl = slice(start, start + self.micro_batch)
-            logits = self.policy.action_logits(images[sl], instructions[sl])  # [M, A, 256]
+            logits = self.policy.action_logits(images[sl], instructions[sl], None if proprio is None else proprio[sl])
             target = torch.tensor(tokens[sl]) - self.policy.action_tokenizer.first_id  # [M, A]
             loss = sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
             self.engine.backward(loss)

@@ -67,9 +67,9 @@ class LearnerWorker:
                 stats.append({"loss": s.loss, "grad_norm": s.grad_norm, **s.extra})
         return {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
 
-    def sft_step(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray) -> dict:
+    def sft_step(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio=None) -> dict:
         sl = slice(self.rank, None, self.world_size)
-        s = self.engine.sft_minibatch(images[sl], instructions[sl], tokens[sl])
+        s = self.engine.sft_minibatch(images[sl], instructions[sl], tokens[sl], None if proprio is None else proprio[sl])
         return {"loss": s.loss, "grad_norm": s.grad_norm}
 
     def publish_weights(self) -> list:
@@ -112,9 +112,9 @@ class LearnerGroup:
     def grpo_step_async(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray) -> list:
         return [w.grpo_step.remote(traj_refs, advantages, order) for w in self.workers]
 
-    def sft_step(self, images, instructions, tokens) -> dict:
+    def sft_step(self, images, instructions, tokens, proprio=None) -> dict:
         refs = [ray.put(images), ray.put(tokens)]
-        out = ray.get([w.sft_step.remote(refs[0], instructions, refs[1]) for w in self.workers], timeout=self.timeout)
+        out = ray.get([w.sft_step.remote(refs[0], instructions, refs[1], proprio) for w in self.workers], timeout=self.timeout)
         return {k: float(np.mean([o[k] for o in out])) for k in out[0]}
 
     def publish_weights(self):

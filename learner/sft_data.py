@@ -17,11 +17,13 @@ def chunk_targets(actions: np.ndarray, chunk: int) -> np.ndarray:
 
 
 def build_sft_samples(demos, stats: ActionStats, tokenizer: ActionTokenizer, chunk: int):
-    """-> images [N, H, W, 3] uint8, instructions [N], token ids [N, chunk * D]."""
-    images, instructions, tokens = [], [], []
+    """-> images [N, H, W, 3] uint8, instructions [N], token ids [N, chunk * D], proprio [N, P] or None."""
+    images, instructions, tokens, proprio = [], [], [], []
     for demo in demos:
         targets = chunk_targets(np.asarray(demo.actions, dtype=np.float64), chunk)  # [T, chunk, D]
         tokens.append(tokenizer.actions_to_tokens(targets, stats).reshape(len(targets), -1))
         images.append(np.asarray(demo.images, dtype=np.uint8))
         instructions.extend([demo.instruction] * len(targets))
-    return np.concatenate(images), instructions, np.concatenate(tokens)
+        proprio.append(None if demo.proprio is None else np.asarray(demo.proprio, dtype=np.float32))
+    stacked = None if any(p is None for p in proprio) else np.concatenate(proprio)
+    return np.concatenate(images), instructions, np.concatenate(tokens), stacked

@@ -54,6 +54,7 @@ def arch_from_config(cfg: PolicyConfig) -> VLAConfig:
         action_dims=cfg.action_dims,
         attention=cfg.attention,
         action_queries=cfg.action_queries,
+        proprio_dim=cfg.proprio_dim if cfg.use_proprio else 0,
     )
 
 

@@ -41,6 +41,7 @@ class VLAConfig:
     action_dims: int = 7
     attention: str = "bidirectional"
     action_queries: str = "zeros"  # zeros (OpenVLA-OFT) | learned (one embedding per action token)
+    proprio_dim: int = 0  # > 0: one extra projected proprio token after the patches (OFT / RoboTwin)
 
     @property
     def num_action_tokens(self) -> int:
@@ -138,6 +139,10 @@ class OpenVLAOFTPolicy(nn.Module):
         self.language_model = LlamaForCausalLM(text)
         self.projector = Projector(self.vision_backbone.embed_dim, text.hidden_size, fused=cfg.vision_backbone == "dinosiglip")
         self.action_first_id = cfg.vocab_size - cfg.n_action_bins
+        self.proprio_projector = (
+            nn.Sequential(nn.Linear(cfg.proprio_dim, text.hidden_size), nn.GELU(), nn.Linear(text.hidden_size, text.hidden_size))
+            if cfg.proprio_dim > 0 else None
+        )
         # OFT feeds zero embeddings at the action positions; a small model trained from scratch
         # learns far faster with one learned query per action token (opt-in, off for OFT checkpoints).
         self.action_queries = (
@@ -150,13 +155,18 @@ class OpenVLAOFTPolicy(nn.Module):
         prompt_ids: torch.Tensor,  # [B, S] int64, right-padded, starts with BOS, ends with "▁"
         prompt_lengths: torch.Tensor,  # [B] int64, real length of each prompt
         stop_token_id: int = 2,
+        proprio: torch.Tensor | None = None,  # [B, proprio_dim] normalised, when the model uses it
     ) -> torch.Tensor:  # [B, chunk * dims, 256]
         cfg = self.config
         B, S = prompt_ids.shape
-        A, P = cfg.num_action_tokens, cfg.num_patches
         device = prompt_ids.device
         embed = self.language_model.get_input_embeddings()
         patches = self.projector(self.vision_backbone(pixel_values))  # [B, P, H]
+        if self.proprio_projector is not None:
+            if proprio is None:
+                raise ValueError("this policy reads proprio (proprio_dim > 0) but none was given")
+            patches = torch.cat([patches, self.proprio_projector(proprio.to(patches.dtype))[:, None]], dim=1)
+        A, P = cfg.num_action_tokens, patches.shape[1]
         text = embed(prompt_ids)  # [B, S, H]
         stop = embed(torch.full((B, 1), stop_token_id, device=device))  # [B, 1, H]
 

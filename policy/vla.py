@@ -46,14 +46,33 @@ class VLAPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def uses_proprio(self) -> bool:
+        return self.model.config.proprio_dim > 0
+
     def model_inputs(self, images, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dtype = next(self.model.parameters()).dtype
         pixels = self.image_processor(images).to(self.device, dtype)
         ids, lengths = self.prompts(instructions)
         return pixels, ids.to(self.device), lengths.to(self.device)
 
-    def action_logits(self, images, instructions: list[str]) -> torch.Tensor:  # [B, A, 256]
-        return self.model.action_logits(*self.model_inputs(images, instructions), stop_token_id=self.tokenizer.eos_token_id)
+    def normalize_proprio(self, proprio) -> torch.Tensor | None:
+        """[B, P] raw proprio -> [-1, 1] with the dataset's q01/q99 (constant dims -> 0)."""
+        if not self.uses_proprio:
+            return None
+        if proprio is None or any(p is None for p in proprio):
+            raise ValueError("this policy reads proprio: every observation needs `proprio`")
+        x = np.asarray(np.stack(proprio), dtype=np.float64)
+        stats = self.norm_stats[self.unnorm_key].get("proprio")
+        if stats is not None and "q01" in stats:
+            lo, hi = np.asarray(stats["q01"]), np.asarray(stats["q99"])
+            span = hi - lo
+            x = np.where(span > 1e-6, 2.0 * (x - lo) / np.where(span > 1e-6, span, 1.0) - 1.0, 0.0)
+        return torch.tensor(np.clip(x, -1.5, 1.5), dtype=torch.float32, device=self.device)
+
+    def action_logits(self, images, instructions: list[str], proprio=None) -> torch.Tensor:  # [B, A, 256]
+        return self.model.action_logits(*self.model_inputs(images, instructions), stop_token_id=self.tokenizer.eos_token_id,
+                                        proprio=self.normalize_proprio(proprio))
 
     @torch.no_grad()
     def act(
@@ -64,7 +83,8 @@ class VLAPolicy:
         version: int = 0,
         generator: torch.Generator | None = None,
     ) -> list[ActionChunk]:
-        logits = self.action_logits([o.image for o in observations], [o.instruction for o in observations])
+        proprio = [o.proprio for o in observations] if self.uses_proprio else None
+        logits = self.action_logits([o.image for o in observations], [o.instruction for o in observations], proprio)
         index, logp = choose_actions(logits, temperature, greedy, generator)  # [B, A]
         chunk, dims = self.chunk_shape
         ids = self.action_tokenizer.index_to_id(index.cpu().numpy()).reshape(-1, chunk, dims)
@@ -72,8 +92,8 @@ class VLAPolicy:
         actions = self.action_tokenizer.tokens_to_actions(ids, self.stats).astype(np.float32)
         return [ActionChunk(tokens=t, logprobs=lp, actions=a, policy_version=version) for t, lp, a in zip(ids, logp, actions)]
 
-    def token_log_probs(self, images, instructions: list[str], token_ids: torch.Tensor, temperature: float):
+    def token_log_probs(self, images, instructions: list[str], token_ids: torch.Tensor, temperature: float, proprio=None):
         """Differentiable log-probs [B, A] and entropies [B, A] of stored token ids [B, A]."""
-        logits = self.action_logits(images, instructions)
+        logits = self.action_logits(images, instructions, proprio)
         index = token_ids.to(logits.device) - self.action_tokenizer.first_id
         return chosen_log_probs(logits, index, temperature)

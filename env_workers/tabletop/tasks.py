@@ -26,7 +26,7 @@ BOWL_CLEAR = BOWL_INNER_R + BOWL_WALL + 0.06  # block centre to bowl centre: ope
 ZONE_CLEAR = ZONE_HALF + BLOCK_HALF * math.sqrt(2) + 0.01  # block centre to zone centre, per axis
 # LIBERO-style initial states: every state perturbs one fixed nominal scene of its layout by a few
 # cm, so a single demonstration covers the neighbourhood the policy will start in.
-INIT_NOISE = 0.035  # metres, per axis
+INIT_NOISE = 0.02  # metres, per axis
 YAW_NOISE = 0.25  # radians
 
 
