@@ -65,13 +65,14 @@ def run_demo(cfg: RunConfig) -> dict:
         "history": trainer.history,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    plot_history(trainer.history, sft_report["success"], rl_report["success"], run_dir / "success_vs_step.png")
+    plot_history(trainer.history, sft_report["success"], rl_report["success"], run_dir / "success_vs_step.png",
+                 cfg.rollout.temperature)
     print("\n" + format_table({"SFT": sft_report, "SFT+RL": rl_report}))
     print(f"\nwall time {wall / 60:.1f} min; report: {run_dir / 'report.json'}", flush=True)
     return report
 
 
-def plot_history(history: list[dict], sft_eval: float, rl_eval: float, path: Path) -> None:
+def plot_history(history: list[dict], sft_eval: float, rl_eval: float, path: Path, temperature: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,13 +80,13 @@ def plot_history(history: list[dict], sft_eval: float, rl_eval: float, path: Pat
 
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [h["rollout/success_rate"] for h in history], marker="o", label="rollout success (T=1.6, train states)")
+    ax.plot(steps, [h["rollout/success_rate"] for h in history], marker="o", label=f"rollout success (T={temperature}, train states)")
     ax.scatter([0, steps[-1] if steps else 0], [sft_eval, rl_eval], color="red", zorder=3, label="greedy eval (held-out states)")
     ax.set_xlabel("RL step")
     ax.set_ylabel("success rate")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

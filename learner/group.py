@@ -26,7 +26,7 @@ def _free_port() -> int:
 @ray.remote
 class LearnerWorker:
     def __init__(self, rank: int, world_size: int, cfg: RunConfig):
-        torch.set_num_threads(1)
+        torch.set_num_threads(max(1, int(cfg.cluster.learner_cpus)))  # the CPUs Ray reserved for this rank
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.engine = None
 

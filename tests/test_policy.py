@@ -136,3 +136,19 @@ def test_forward_and_backward_take_well_under_a_second(tiny_policy):
     tiny_policy.token_log_probs(images, instructions, tokens, 1.6)[0].sum().backward()
     assert time.perf_counter() - start < 0.5
     tiny_policy.model.zero_grad()
+
+
+def test_proprio_token_is_read_when_enabled(tiny_config, tmp_path):
+    pol = build_policy(tiny_config.policy.model_copy(update={"use_proprio": True}), seed=0)
+    obs = _obs(2)
+    images, instructions = [o.image for o in obs], [o.instruction for o in obs]
+    with pytest.raises(ValueError, match="proprio"):
+        pol.action_logits(images, instructions)
+    p0, p1 = np.zeros((2, 8), np.float32), np.full((2, 8), 0.5, np.float32)
+    with torch.no_grad():
+        a, b = pol.action_logits(images, instructions, p0), pol.action_logits(images, instructions, p1)
+        assert not torch.allclose(a, b)
+        loaded = load_policy(save_policy(pol, tmp_path / "p"))
+        assert torch.equal(loaded.action_logits(images, instructions, p1), b)
+    chunks = pol.act([Observation(o.image, o.instruction, p) for o, p in zip(obs, p1)], greedy=True)
+    assert len(chunks) == 2 and chunks[0].tokens.shape == (8, 7)
