@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from common.config_loading import ConfigError, load_config
 
-DEFAULT_ENV = {"MUJOCO_GL": "egl", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _train(cfg):
@@ -75,8 +72,9 @@ COMMANDS = {"train": _train, "eval": _eval, "sft": _sft, "demo": _demo, "serve":
 
 
 def main(argv: list[str] | None = None) -> None:
-    for k, v in DEFAULT_ENV.items():
-        os.environ.setdefault(k, v)
+    from deploy.runtime import apply_default_env
+
+    apply_default_env()  # before anything imports MuJoCo or DeepSpeed
     parser = argparse.ArgumentParser(prog="vla-grpo", description="Online GRPO for VLA policies on Ray")
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")

@@ -13,15 +13,25 @@ from actors.trajectory_queue import TrajectoryQueue
 from common.config import RunConfig
 from services.policy_service import APP_NAME, start_policy_service
 
-WORKER_ENV = {k: os.environ[k] for k in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "DS_ACCELERATOR", "HF_HUB_OFFLINE",
-                                          "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE") if k in os.environ}
+# Headless defaults for every entry point (CLI, scripts, job drivers); the caller's values win.
+DEFAULT_ENV = {"MUJOCO_GL": "egl", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+FORWARDED = ("MUJOCO_GL", "PYOPENGL_PLATFORM", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE")
+
+
+def apply_default_env() -> None:
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 
 def init_ray(cfg: RunConfig, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
+    apply_default_env()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env_vars = {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **WORKER_ENV}
+    forwarded = {k: os.environ[k] for k in FORWARDED if k in os.environ}
+    env_vars = {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **forwarded}
     kwargs = dict(runtime_env={"env_vars": env_vars}, include_dashboard=False, logging_level="WARNING",
                   log_to_driver=True)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
