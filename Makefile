@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-stamp
-APT_PKGS := libegl1 libgl1-mesa-dri libosmesa6 ffmpeg
+APT_PKGS := libegl1 libgl1-mesa-dri libosmesa6 ffmpeg prometheus
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 export RAY_AUTH_MODE ?= disabled
@@ -34,7 +34,7 @@ apt:
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 test: setup
