@@ -25,7 +25,8 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     gloo needs none of it, so that builder is switched off before init."""
     os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
                       MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
+    # the accelerator follows the comm backend (the driver forwards its own CPU default to workers)
+    os.environ["DS_ACCELERATOR"] = "cpu" if backend == "gloo" else "cuda"
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401  (the submodule itself, see below)
 

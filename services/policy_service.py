@@ -31,10 +31,12 @@ class PolicyDeployment:
 
         torch.set_num_threads(1)
         self.policy = load_policy(policy_path, unnorm_key=unnorm_key, dtype=dtype)
+        if torch.cuda.is_available():  # a replica granted a GPU (cluster.replica_gpus > 0) serves from it
+            self.policy.model.to("cuda")
         self.policy.model.eval()
         self.version = version
         replica = serve.get_replica_context().replica_id.unique_id
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(replica.encode()))
+        self.generator = torch.Generator(device=self.policy.device).manual_seed(seed * 1_000_003 + zlib.crc32(replica.encode()))
         self.act_batch.set_max_batch_size(max_batch_size)
         self.act_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_size_hist = metrics.Histogram(
