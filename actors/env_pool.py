@@ -8,6 +8,7 @@ dies loses only the episodes it was running, which are re-submitted with the sam
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import ray
@@ -100,8 +101,6 @@ class EnvWorkerPool:
 
     def run_all(self, episodes: list[Episode], timeout_s: float) -> list[tuple[Episode, dict, ray.ObjectRef]]:
         """Submit everything and wait for all of it (evaluation)."""
-        import time
-
         for ep in episodes:
             self.submit(ep)
         out, deadline = [], time.monotonic() + timeout_s

@@ -11,8 +11,6 @@ import json
 import time
 from pathlib import Path
 
-import ray
-
 from common.config import RunConfig
 from common.config_loading import dump_config
 from deploy.evaluate import evaluate, format_table
@@ -91,7 +89,3 @@ def plot_history(history: list[dict], sft_eval: float, rl_eval: float, path: Pat
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def shutdown() -> None:
-    if ray.is_initialized():
-        ray.shutdown()
