@@ -10,8 +10,7 @@ from pathlib import Path
 from common.config_loading import ConfigError, load_config
 
 
-
-def _train(cfg):
+def _train(cfg, args):
     from deploy.runtime import Rollout, init_ray
     from deploy.train import GRPOTrainer
 
@@ -21,16 +20,14 @@ def _train(cfg):
     rollout = Rollout.start(cfg, str(cfg.policy.path))
     trainer = GRPOTrainer(cfg, str(cfg.policy.path), rollout)
     try:
-        while trainer.step < cfg.total_steps:
-            trainer.train_step()
+        trainer.run(Path(cfg.run_dir) / "rl_policy")
         trainer.save_checkpoint()
-        trainer.learner.save_policy(Path(cfg.run_dir) / "rl_policy")
     finally:
         trainer.shutdown()
         rollout.shutdown()
 
 
-def _eval(cfg):
+def _eval(cfg, args):
     from deploy.evaluate import evaluate, format_table
     from deploy.runtime import Rollout, init_ray
 
@@ -46,7 +43,7 @@ def _eval(cfg):
     print(json.dumps({"success": report["success"], "episodes": report["episodes"]}))
 
 
-def _sft(cfg):
+def _sft(cfg, args):
     from deploy.runtime import init_ray
     from deploy.sft import run_sft
 
@@ -56,7 +53,7 @@ def _sft(cfg):
     print(f"SFT policy written to {out} (final loss {summary['losses'][-1]:.4f})")
 
 
-def _demo(cfg):
+def _demo(cfg, args):
     from deploy.demo import run_demo
 
     run_demo(cfg)
@@ -89,10 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         sys.exit(str(err))
-    if args.command == "serve":
-        _serve(cfg, args)
-    else:
-        COMMANDS[args.command](cfg)
+    COMMANDS[args.command](cfg, args)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,7 @@ def run_demo(cfg: RunConfig) -> dict:
 
         trainer = GRPOTrainer(cfg, str(sft_folder), rollout)
         try:
-            while trainer.step < cfg.total_steps:
-                trainer.train_step()
-            trainer.learner.save_policy(run_dir / "rl_policy")
+            trainer.run(run_dir / "rl_policy")
         finally:
             trainer.shutdown()
 

@@ -89,6 +89,12 @@ class GRPOTrainer:
             self.save_checkpoint()
         return scalars
 
+    def run(self, final_policy_dir: Path) -> None:
+        """Train until `total_steps` (counting resumed steps), then write the servable policy."""
+        while self.step < self.cfg.total_steps:
+            self.train_step()
+        self.learner.save_policy(final_policy_dir)
+
     def sync_weights(self) -> float:
         start = time.monotonic()
         state_ref = self.learner.publish_weights()

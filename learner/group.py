@@ -113,8 +113,8 @@ class LearnerGroup:
         return [w.grpo_step.remote(traj_refs, advantages, order) for w in self.workers]
 
     def sft_step(self, images, instructions, tokens, proprio=None) -> dict:
-        refs = [ray.put(images), ray.put(tokens)]
-        out = ray.get([w.sft_step.remote(refs[0], instructions, refs[1], proprio) for w in self.workers], timeout=self.timeout)
+        refs = [ray.put(x) for x in (images, tokens, proprio)]  # once in the object store, read by every rank
+        out = ray.get([w.sft_step.remote(refs[0], instructions, refs[1], refs[2]) for w in self.workers], timeout=self.timeout)
         return {k: float(np.mean([o[k] for o in out])) for k in out[0]}
 
     def publish_weights(self):
