@@ -53,6 +53,11 @@ class PolicyConfig(Section):
         "zeros", description="zeros = OpenVLA-OFT; learned = one embedding per action token (small models from scratch)"
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
+    center_crop: float | None = Field(
+        None, gt=0, le=1,
+        description="fraction of the image AREA kept by a center crop before resizing (OpenVLA/OFT checkpoints "
+                    "trained with image augmentation: 0.9); None = no crop, or what the policy folder says",
+    )
 
     @model_validator(mode="after")
     def _patches_tile_image(self):
@@ -75,9 +80,13 @@ class EnvConfig(Section):
     suite: str = "libero_spatial"
     tasks: list[str] | None = Field(None, description="task names; None = every task of the suite")
     image_size: int = Field(224, ge=16)
-    max_steps: int = Field(512, gt=0, description="env steps per episode")
+    max_steps: int = Field(512, gt=0, description="env steps per episode (RL; SimpleVLA-RL uses 512 on LIBERO)")
+    eval_max_steps: int | None = Field(
+        None, gt=0, description="step limit of `vla-grpo eval`; None = the suite's OpenVLA limit (LIBERO), else max_steps"
+    )
     num_steps_wait: int = Field(10, ge=0)
     step_timeout_s: float = Field(30.0, gt=0)
+    msaa: bool = Field(False, description="LIBERO: 4x multisampling as robosuite's default; off renders ~2.5x faster")
     init_states: InitStateConfig = InitStateConfig()
 
 
@@ -129,6 +138,9 @@ class SFTConfig(Section):
     steps: int = Field(500, gt=0)
     lr: float = Field(3e-4, gt=0)
     batch_size: int = Field(16, gt=0)
+    shift_augment_px: int = Field(
+        0, ge=0, description="random image shift of up to this many pixels per SFT sample (DrQ-style); 0 = off"
+    )
     dataset: Path | None = Field(None, description="folder of robomimic/LIBERO HDF5 files; None = record experts")
 
 

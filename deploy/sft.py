@@ -12,7 +12,7 @@ import numpy as np
 
 from common.config import RunConfig
 from learner.group import LearnerGroup
-from learner.sft_data import build_sft_samples
+from learner.sft_data import build_sft_samples, random_shift
 
 
 def demo_folder(cfg: RunConfig) -> Path:
@@ -52,7 +52,7 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
     key = cfg.policy.unnorm_key or cfg.env.suite
     norm_stats = {key: dataset_statistics(demos)}
     if cfg.policy.path is not None:
-        policy = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, unnorm_key=cfg.policy.unnorm_key)
+        policy = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, unnorm_key=cfg.policy.unnorm_key, policy=cfg.policy)
     else:
         policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": key}), norm_stats, seed=cfg.seed)
     images, instructions, tokens, proprio = build_sft_samples(demos, policy.stats, policy.action_tokenizer, cfg.policy.action_chunk)
@@ -66,7 +66,8 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
         losses, start = [], time.monotonic()
         for step in range(cfg.sft.steps):
             idx = rng.choice(len(images), size=cfg.sft.batch_size, replace=len(images) < cfg.sft.batch_size)
-            stats = learner.sft_step(images[idx], [instructions[i] for i in idx], tokens[idx],
+            batch_images = random_shift(images[idx], cfg.sft.shift_augment_px, rng)
+            stats = learner.sft_step(batch_images, [instructions[i] for i in idx], tokens[idx],
                                      None if proprio is None or not policy.uses_proprio else proprio[idx])
             losses.append(stats["loss"])
             if (step + 1) % max(1, cfg.sft.steps // 10) == 0:

@@ -40,7 +40,8 @@ class LearnerWorker:
         if self.engine is None:
             init_distributed(self.rank, self.world_size, master_addr, master_port, self.cfg.cluster.comm_backend)
         torch.manual_seed(seed)
-        self.policy = load_policy(policy_path, unnorm_key=self.cfg.policy.unnorm_key, dtype=self.cfg.policy.dtype)
+        self.policy = load_policy(policy_path, unnorm_key=self.cfg.policy.unnorm_key, dtype=self.cfg.policy.dtype,
+                                  policy=self.cfg.policy)
         self.policy.model.train()
         lc = self.cfg.learner
         if mode == "sft":

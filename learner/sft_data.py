@@ -27,3 +27,18 @@ def build_sft_samples(demos, stats: ActionStats, tokenizer: ActionTokenizer, chu
         proprio.append(None if demo.proprio is None else np.asarray(demo.proprio, dtype=np.float32))
     stacked = None if any(p is None for p in proprio) else np.concatenate(proprio)
     return np.concatenate(images), instructions, np.concatenate(tokens), stacked
+
+
+def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Shift every image [N, H, W, C] by its own random (dy, dx) in [-max_shift, max_shift], filling
+    with the edge pixels. With one demonstration per task, this keeps the policy from keying its
+    actions on exact pixel positions (actions are deltas, so a shifted view asks for the same
+    action); without it, small init-state offsets send a from-scratch policy off its demo."""
+    if max_shift <= 0:
+        return images
+    n, h, w = images.shape[:3]
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+    rows = dy[:, None] + np.arange(h)[None, :]  # [N, H]
+    cols = dx[:, None] + np.arange(w)[None, :]  # [N, W]
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]

@@ -21,6 +21,7 @@ import transformers
 
 from common.config import PolicyConfig
 from policy.modeling import OpenVLAOFTPolicy, VLAConfig
+from policy.openvla_layout import is_official_layout, load_official, refuse_pickles
 from policy.processor import ImageProcessor
 from policy.tiny import default_norm_stats, llama_tokenizer
 from policy.vla import VLAPolicy
@@ -63,7 +64,7 @@ def build_policy(cfg: PolicyConfig, norm_stats: dict | None = None, seed: int = 
     arch = arch_from_config(cfg)
     torch.manual_seed(seed)
     model = OpenVLAOFTPolicy(arch).to(DTYPES[cfg.dtype])
-    processor = ImageProcessor.for_towers(arch.tower_names, arch.image_size)
+    processor = ImageProcessor.for_towers(arch.tower_names, arch.image_size, cfg.center_crop)
     stats = norm_stats or default_norm_stats(arch.action_dims)
     return VLAPolicy(model, llama_tokenizer(), processor, stats, cfg.unnorm_key)
 
@@ -100,13 +101,25 @@ def save_policy(policy: VLAPolicy, folder: str | Path) -> Path:
     return folder
 
 
-def load_policy(folder: str | Path, unnorm_key: str | None = None, dtype: str = "float32") -> VLAPolicy:
+def load_policy(
+    folder: str | Path, unnorm_key: str | None = None, dtype: str = "float32", policy: PolicyConfig | None = None
+) -> VLAPolicy:
+    """Our own folder, or an official OpenVLA / OpenVLA-OFT one (docs/checkpoints.md). `policy` gives what
+    official folders do not record (action_chunk, action_dims, attention) and `center_crop`, which
+    overrides the folder's when set."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a policy folder (no config.json); checkpoints load from local disk only")
+    refuse_pickles(folder)
     config = json.loads((folder / "config.json").read_text())
+    policy = policy or PolicyConfig()
+    if is_official_layout(config):
+        model, processor, norm_stats = load_official(folder, config, policy, unnorm_key)
+        model.to(DTYPES[dtype])
+        return VLAPolicy(model, _load_tokenizer(folder), processor, norm_stats, unnorm_key)
     if "vla_grpo_arch" not in config:
-        raise ValueError(f"{folder}/config.json is not a vla-grpo policy (official OpenVLA layouts: see docs)")
+        raise ValueError(f"{folder}/config.json is neither a vla-grpo policy nor an official OpenVLA one (no timm_model_ids); "
+                         f"see docs/checkpoints.md")
     model = OpenVLAOFTPolicy(VLAConfig(**config["vla_grpo_arch"]))
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
@@ -119,7 +132,10 @@ def load_policy(folder: str | Path, unnorm_key: str | None = None, dtype: str = 
     stats_file = folder / "dataset_statistics.json"
     norm_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else config.get("norm_stats", {})
     tokenizer = _load_tokenizer(folder)
-    return VLAPolicy(model, tokenizer, ImageProcessor.load(folder), norm_stats, unnorm_key)
+    processor = ImageProcessor.load(folder)
+    if policy.center_crop is not None:
+        processor.center_crop = policy.center_crop
+    return VLAPolicy(model, tokenizer, processor, norm_stats, unnorm_key)
 
 
 def _load_tokenizer(folder: Path):

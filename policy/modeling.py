@@ -33,6 +33,7 @@ class VLAConfig:
     image_size: int = 224
     patch_size: int = 14
     vision: dict = field(default_factory=lambda: dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128))
+    fused_vision: dict | None = None  # second tower's sizes when they differ (real dinosiglip: ViT-L vs So400m); None = `vision`
     text_config: dict = field(default_factory=dict)  # LlamaConfig kwargs
     vocab_size: int = 32000  # real vocabulary; the LM head is padded to a multiple of 64
     pad_to_multiple_of: int = 64
@@ -59,8 +60,7 @@ class VLAConfig:
         return asdict(self)
 
 
-def _build_tower(kind: str, cfg: VLAConfig) -> nn.Module:
-    v = cfg.vision
+def _build_tower(kind: str, cfg: VLAConfig, v: dict) -> nn.Module:
     common = dict(
         hidden_size=v["hidden_size"],
         num_hidden_layers=v["num_layers"],
@@ -68,6 +68,8 @@ def _build_tower(kind: str, cfg: VLAConfig) -> nn.Module:
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
     )
+    if "hidden_act" in v:  # timm's towers (OpenVLA checkpoints) use exact GELU, HF SigLIP defaults to tanh
+        common["hidden_act"] = v["hidden_act"]
     if kind == "siglip":
         return SiglipVisionModel(SiglipVisionConfig(intermediate_size=v["intermediate_size"], **common))
     return Dinov2WithRegistersModel(
@@ -86,9 +88,10 @@ class VisionBackbone(nn.Module):
         super().__init__()
         names = cfg.tower_names
         self.tower_kinds = names
-        self.featurizer = _build_tower(names[0], cfg)
-        self.fused_featurizer = _build_tower(names[1], cfg) if len(names) > 1 else None
-        self.embed_dim = cfg.vision["hidden_size"] * len(names)
+        sizes = [cfg.vision, cfg.fused_vision or cfg.vision][: len(names)]
+        self.featurizer = _build_tower(names[0], cfg, sizes[0])
+        self.fused_featurizer = _build_tower(names[1], cfg, sizes[1]) if len(names) > 1 else None
+        self.embed_dim = sum(v["hidden_size"] for v in sizes)
 
     @staticmethod
     def _patches(tower: nn.Module, kind: str, pixels: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,14 @@ APP_NAME = "vla-policy"
 @serve.deployment(name="Policy", max_ongoing_requests=256,
                   logging_config={"enable_access_log": False, "log_level": "WARNING"})
 class PolicyDeployment:
-    def __init__(self, policy_path: str, unnorm_key: str | None, dtype: str, version: int = 0, seed: int = 0,
+    def __init__(self, policy_path: str, policy_cfg: dict, version: int = 0, seed: int = 0,
                  max_batch_size: int = 64, batch_wait_timeout_s: float = 0.005):
+        from common.config import PolicyConfig
         from policy.checkpoint import load_policy
 
         torch.set_num_threads(1)
-        self.policy = load_policy(policy_path, unnorm_key=unnorm_key, dtype=dtype)
+        cfg = PolicyConfig.model_validate(policy_cfg)
+        self.policy = load_policy(policy_path, unnorm_key=cfg.unnorm_key, dtype=cfg.dtype, policy=cfg)
         if torch.cuda.is_available():  # a replica granted a GPU (cluster.replica_gpus > 0) serves from it
             self.policy.model.to("cuda")
         self.policy.model.eval()
@@ -96,7 +98,7 @@ def start_policy_service(policy_path: str, cluster_cfg, policy_cfg, seed: int = 
     if "inference" in cluster_cfg.resources:
         options["ray_actor_options"]["resources"] = {cluster_cfg.resources["inference"]: 0.001}
     app = PolicyDeployment.options(**options).bind(
-        str(policy_path), policy_cfg.unnorm_key, policy_cfg.dtype, 0, seed, max_batch_size
+        str(policy_path), policy_cfg.model_dump(mode="json"), 0, seed, max_batch_size
     )
     return serve.run(app, name=APP_NAME, route_prefix=None, logging_config={"enable_access_log": False, "log_level": "WARNING"})
 
