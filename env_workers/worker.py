@@ -24,8 +24,17 @@ from common.config import EnvConfig
 from common.records import Trajectory
 from policy.action_tokenizer import postprocess_gripper
 
-GRIPPER = {"tabletop": dict(binarize=True, invert=False), "libero": dict(binarize=True, invert=True),
-           "maniskill": dict(binarize=False, invert=False)}
+GRIPPER = {"tabletop": dict(binarize=True, invert=False), "maniskill": dict(binarize=False, invert=False)}
+
+
+def to_env_actions(backend: str, actions: np.ndarray) -> np.ndarray:
+    """Policy actions -> the simulator's convention. LIBERO: OpenVLA's gripper in [0, 1] (1 = open)
+    becomes -1 = open / +1 = close (env_workers/libero/conventions.py)."""
+    if backend == "libero":
+        from env_workers.libero.conventions import openvla_to_libero
+
+        return openvla_to_libero(actions)
+    return postprocess_gripper(actions, **GRIPPER[backend])
 
 
 async def _resolve(response):
@@ -71,7 +80,6 @@ class EnvWorker:
         self.env_cfg = env_cfg
         self.app_name = app_name
         self.policy_timeout_s = policy_timeout_s
-        self.gripper = GRIPPER[env_cfg.backend]
         self.num_envs = num_envs
         self._build_slots()
         self.free: asyncio.Queue | None = None
@@ -136,7 +144,7 @@ class EnvWorker:
             logprobs.append(chunk.logprobs)
             versions.append(chunk.policy_version)
             ran = np.zeros(chunk.tokens.shape[0], dtype=bool)
-            for k, action in enumerate(postprocess_gripper(chunk.actions, **self.gripper)):
+            for k, action in enumerate(to_env_actions(self.env_cfg.backend, chunk.actions)):
                 result = await slot.call("step", action)
                 ran[k] = True
                 steps += 1
@@ -164,12 +172,13 @@ class EnvWorker:
         slots = [await self.free.get() for _ in requests]
         try:
             obs = [await s.call("reset", t, i) for s, (t, i) in zip(slots, requests)]
-            done, useful, queries = [False] * len(slots), 0, 0
-            for _ in range(-(-self.env_cfg.max_steps // 8)):
+            done, useful, queries, offered = [False] * len(slots), 0, 0, 0
+            while offered < self.env_cfg.max_steps:  # one policy query per env per chunk, up to the limit
                 chunks = await asyncio.gather(*[_resolve(self.handle.act.remote(o, temperature, False)) for o in obs])
                 queries += len(chunks)
+                offered += len(chunks[0].actions)
                 for j, (slot, chunk) in enumerate(zip(slots, chunks)):
-                    for action in postprocess_gripper(chunk.actions, **self.gripper):
+                    for action in to_env_actions(self.env_cfg.backend, chunk.actions):
                         if done[j]:
                             break  # the env is finished: the original pads, costing the inference above
                         result = await slot.call("step", action)

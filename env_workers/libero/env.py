@@ -1,0 +1,220 @@
+"""`LiberoEnv`: the LIBERO suites (robosuite 1.4 / MuJoCo) behind the `EpisodeEnv` API.
+
+One robosuite env is alive per `LiberoEnv` (a LIBERO scene takes 1.5-2.5 GB with its render context),
+built for the task of the current episode and rebuilt (2-4 s) when the task changes.
+
+An episode is reproducible from (task, init_state) alone, whatever ran before in the process:
+- soft reset (no MJCF rebuild: 0.04 s instead of 1.5-4 s), plus the one piece of state it
+  misses: the gripper's internal command, which a hard reset recreates at zero;
+- LIBERO re-places fixed furniture (e.g. the cabinet) at every reset from the global numpy RNG and
+  the init state (qpos/qvel only) does not cover it. The reset draws from `np.random.seed(0)`, which
+  is OpenVLA's first episode per task (`env.seed(0)` then `reset`); the caller's RNG is restored.
+  Soft and hard resets give bit-identical states and images this way (checked in the tests).
+Observations are robosuite's own (sampled during the step as its observables do), so they match
+the data OpenVLA checkpoints were trained on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import weakref
+
+import numpy as np
+
+from common.config import EnvConfig
+from common.records import Observation, StepResult
+from env_workers.api import Split
+from env_workers.libero import conventions
+from env_workers.libero.bootstrap import ensure_libero
+from env_workers.libero.suites import NUM_INIT_STATES, SuiteCatalog
+
+CAMERA = "agentview"
+FIXTURE_SEED = 0
+
+
+class LiberoEnv:
+    action_dim = 7
+
+    def __init__(self, cfg: EnvConfig):
+        if cfg.backend != "libero":
+            raise ValueError(f"LiberoEnv needs env.backend 'libero', got {cfg.backend!r}")
+        s = cfg.init_states
+        needed = s.num_train + (s.num_eval if s.split == "disjoint" else 0)
+        if needed > NUM_INIT_STATES:
+            raise ValueError(f"env.init_states: LIBERO has {NUM_INIT_STATES} initial states per task, but split "
+                             f"{s.split!r} with num_train={s.num_train}, num_eval={s.num_eval} needs {needed}")
+        self.gl = ensure_libero(msaa=cfg.msaa)["gl"]
+        self.catalog = SuiteCatalog(cfg.suite)
+        names = list(cfg.tasks) if cfg.tasks else self.catalog.names
+        for n in names:
+            self.catalog.task(n)  # fail at construction on a typo, naming the known tasks
+        self.cfg = cfg
+        self.max_steps = cfg.max_steps
+        self._names = names
+        self._env = None  # libero OffScreenRenderEnv of `_env_task`
+        self._env_task: str | None = None
+        self.task: str | None = None
+        self.init_state: int | None = None
+        self.steps = 0
+        self.success = False
+        self._done = True
+        self._obs: dict | None = None
+        self._exit_hook = False
+
+    # --- EpisodeEnv API ---
+    @property
+    def task_names(self) -> list[str]:
+        return list(self._names)
+
+    def instruction(self, task: str) -> str:
+        return self.catalog.task(task).instruction
+
+    def init_states(self, task: str, split: Split) -> list[int]:
+        self.catalog.task(task)
+        s = self.cfg.init_states
+        if split == "train" or (split == "eval" and s.split == "paper"):  # the paper evaluates on its training states
+            return list(range(s.num_train))
+        if split == "eval":
+            return list(range(s.num_train, s.num_train + s.num_eval))
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+    def reset(self, task: str, init_state: int) -> Observation:
+        states = self.catalog.init_states(task)
+        if not 0 <= int(init_state) < len(states):
+            raise ValueError(f"init_state {init_state} out of range: task {task!r} has {len(states)} initial states")
+        env = self._robosuite_env(task)
+        blank = _BlankCamera(env.env._observables[f"{CAMERA}_image"])
+        wait = self.cfg.num_steps_wait
+        with _seeded_numpy(FIXTURE_SEED), blank:
+            _reset(env.env)
+            for robot in env.env.robots:  # a hard reset would rebuild the gripper with a zero command
+                robot.gripper.current_action = np.zeros(robot.gripper.dof)
+            if wait == 0:
+                blank.restore()
+            obs = env.set_init_state(states[int(init_state)])
+            for i in range(wait):
+                if i == wait - 1:
+                    blank.restore()  # render only the observation the policy will see
+                obs, _, _, _ = env.step(conventions.DUMMY_ACTION)
+        self.task, self.init_state = task, int(init_state)
+        self.steps, self.success, self._done = 0, False, False
+        self._obs = obs
+        return self.observe()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        if self._done:
+            raise RuntimeError("episode is over (success or step limit): call reset() first")
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (self.action_dim,):
+            raise ValueError(f"action must have {self.action_dim} values, got shape {np.shape(action)}")
+        if np.isnan(a).any():
+            raise ValueError(f"action has NaN: {action}")
+        obs, _, done, _ = self._env.step(np.clip(a, -1.0, 1.0))
+        self._obs = obs
+        self.steps += 1
+        self.success = bool(done)  # LIBERO's step returns done = the task's goal predicate
+        self._done = self.success or self.steps >= self.max_steps
+        return StepResult(observation=self.observe(), success=self.success, done=self._done)
+
+    def close(self) -> None:
+        if self._env is not None:
+            with contextlib.suppress(Exception):
+                self._env.close()
+        self._env, self._env_task, self._done = None, None, True
+
+    # --- helpers (tests and benchmarks use them too) ---
+    def observe(self) -> Observation:
+        return Observation(image=conventions.agentview_image(self._obs), instruction=self.instruction(self.task),
+                           proprio=conventions.proprio(self._obs))
+
+    def sim_state(self) -> np.ndarray:
+        """Flattened (time, qpos, qvel), the layout of LIBERO's init states."""
+        return self._env.get_sim_state()
+
+    def check_success(self) -> bool:
+        """Re-evaluate the goal predicate now (after tests edit the sim state)."""
+        self._env.env.sim.forward()
+        return bool(self._env.check_success())
+
+    @property
+    def robosuite_env(self):
+        return self._env
+
+    def _robosuite_env(self, task: str):
+        if self._env_task != task:
+            self.close()
+            from libero.libero.envs import OffScreenRenderEnv
+
+            size = self.cfg.image_size
+            with _seeded_numpy(FIXTURE_SEED):
+                # ignore_done: the step limit is ours (robosuite would stop at its own horizon)
+                self._env = OffScreenRenderEnv(bddl_file_name=str(self.catalog.task(task).bddl_file), camera_names=[CAMERA],
+                                               camera_heights=size, camera_widths=size, hard_reset=False, ignore_done=True)
+            self._env_task = task
+            if not self._exit_hook:
+                # Registered after robosuite's eglTerminate hook (added with the first GL context), so it
+                # runs first: contexts freed after eglTerminate print tracebacks at interpreter exit.
+                atexit.register(_close_if_alive, weakref.ref(self))
+                self._exit_hook = True
+        return self._env
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextlib.contextmanager
+def _seeded_numpy(seed: int):
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+class _BlankCamera(contextlib.AbstractContextManager):
+    """Swap the camera observable's sensor for a blank image: the observable keeps its sampling
+    clock (so the next real image is exactly the one robosuite would return) but skips the ~65 ms
+    renders of frames nobody looks at (reset, set_init_state, all but the last settle step)."""
+
+    def __init__(self, observable):
+        self.observable = observable
+        self.real = observable._sensor
+        blank = np.zeros(observable._data_shape, dtype=np.uint8)
+        self.blank = lambda obs_cache: blank
+        self.blank.__modality__ = self.real.__modality__
+
+    def __enter__(self):
+        self.observable._sensor = self.blank
+        return self
+
+    def restore(self) -> None:
+        self.observable._sensor = self.real
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def _reset(env, attempts: int = 20) -> None:
+    """LIBERO's own `ControlEnv.reset` retries forever and its `finally: continue` swallows every
+    exception; retry only a failed object placement, a bounded number of times."""
+    from robosuite.utils.errors import RandomizationError
+
+    for _ in range(attempts - 1):
+        try:
+            env.reset()
+            return
+        except RandomizationError:
+            continue
+    env.reset()
+
+
+def _close_if_alive(ref: weakref.ref) -> None:
+    env = ref()
+    if env is not None:
+        env.close()
