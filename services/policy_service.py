@@ -91,14 +91,15 @@ class PolicyDeployment:
                 "mean_batch_size": self.served / max(self.batches, 1)}
 
 
-def start_policy_service(policy_path: str, cluster_cfg, policy_cfg, seed: int = 0, max_batch_size: int = 64):
+def start_policy_service(policy_path: str, cluster_cfg, policy_cfg, seed: int = 0):
     """Deploy the policy app and return its handle."""
     options = {"num_replicas": cluster_cfg.serve_replicas,
                "ray_actor_options": {"num_cpus": cluster_cfg.replica_cpus, "num_gpus": cluster_cfg.replica_gpus}}
     if "inference" in cluster_cfg.resources:
         options["ray_actor_options"]["resources"] = {cluster_cfg.resources["inference"]: 0.001}
     app = PolicyDeployment.options(**options).bind(
-        str(policy_path), policy_cfg.model_dump(mode="json"), 0, seed, max_batch_size
+        str(policy_path), policy_cfg.model_dump(mode="json"), 0, seed,
+        cluster_cfg.inference_max_batch, cluster_cfg.inference_batch_wait_ms / 1000.0
     )
     return serve.run(app, name=APP_NAME, route_prefix=None, logging_config={"enable_access_log": False, "log_level": "WARNING"})
 
