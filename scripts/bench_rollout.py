@@ -24,7 +24,7 @@ from common.config_loading import load_config  # noqa: E402
 from deploy.runtime import Rollout, init_ray  # noqa: E402
 from policy.checkpoint import build_policy, save_policy  # noqa: E402
 
-ROUNDS = 4
+ROUNDS = 8
 
 
 def main() -> None:
@@ -68,6 +68,7 @@ def main() -> None:
         print(f"{mode:>9}: {r['env_steps_per_s']:7.1f} env steps/s  mean inference batch {r['mean_inference_batch']:5.2f}  "
               f"queue depth {r['queue_depth']}  ({r['env_steps']} steps in {r['seconds']:.1f}s)")
     print(f"ratio ours / lock-step: {results['ratio_ours_over_lockstep']:.2f}x")
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run_dir) / "bench_rollout.json").write_text(json.dumps(results, indent=2))
 
 
