@@ -29,17 +29,36 @@ class Episode:
     tag: object = None  # caller's bookkeeping (e.g. group id)
 
 
+READY_TIMEOUT_S = 300.0  # env builds (LIBERO: seconds each) plus waiting for a node to join
+
+
 class EnvWorkerPool:
     def __init__(self, env_cfg: EnvConfig, cluster_cfg: ClusterConfig, app_name: str, max_attempts: int = 3):
         self.env_cfg, self.cluster_cfg, self.app_name = env_cfg, cluster_cfg, app_name
         self.max_attempts = max_attempts
         self.workers = [self._spawn() for _ in range(cluster_cfg.num_env_workers)]
-        ray.get([w.ready.remote() for w in self.workers], timeout=300)
+        self._wait_ready(READY_TIMEOUT_S)
         self.pending: dict[ray.ObjectRef, tuple[Episode, ray.ObjectRef, int, object]] = {}
         self.load = [0] * len(self.workers)
         self.rerun = 0
         self.replaced = 0
         self._rr = itertools.count()
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        refs = [w.ready.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):  # usually unschedulable: more CPUs asked than the cluster has
+            c = self.cluster_cfg
+            for w in self.workers:  # do not leave pending actors behind in the cluster
+                ray.kill(w)
+            raise TimeoutError(
+                f"{len(refs) - len(ready)} of {len(refs)} env workers not running after {timeout_s:.0f}s. Asked for: "
+                f"cluster.num_env_workers={c.num_env_workers} x cluster.env_worker_cpus={c.env_worker_cpus} CPUs, "
+                f"plus cluster.serve_replicas={c.serve_replicas} x cluster.replica_cpus={c.replica_cpus}; the cluster has "
+                f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.available_resources().get('CPU', 0):g} free. "
+                "Lower those fields (0 CPUs lets roles share cores, as configs/demo.yaml does) or add nodes."
+            )
+        ray.get(ready, timeout=30)  # surface a worker that failed to start with its own error
 
     def _spawn(self):
         opts = {"num_cpus": self.cluster_cfg.env_worker_cpus, "max_concurrency": self.cluster_cfg.envs_per_worker + 4}

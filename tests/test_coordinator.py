@@ -89,3 +89,13 @@ def test_queue_holds_refs_applies_backpressure_and_drops_stale(ray_cluster):
     assert ray.get(items[0]["ref"][0]) == "trajectory"
     assert ray.get(q.get.remote(1, timeout_s=0.1)) == []
     ray.kill(q)
+
+
+def test_unschedulable_env_workers_fail_naming_the_fields_to_change(ray_cluster, monkeypatch):
+    from actors import env_pool
+    from common.config_loading import load_config
+
+    monkeypatch.setattr(env_pool, "READY_TIMEOUT_S", 3.0)
+    cfg = load_config("configs/tiny.yaml", ["cluster.env_worker_cpus=64"])  # the test cluster has 2 CPUs
+    with pytest.raises(TimeoutError, match=r"cluster\.env_worker_cpus=64\.0 CPUs.*the cluster has 2 CPUs"):
+        env_pool.EnvWorkerPool(cfg.env, cfg.cluster, "no-such-app")
