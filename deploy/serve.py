@@ -38,7 +38,8 @@ def run_serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8000, token_f
         options["resources"] = {cfg.cluster.resources["inference"]: 0.001}
     try:
         url = start_http_api(str(path), host, port, token_file=token_file, auth=auth, unnorm_key=cfg.policy.unnorm_key,
-                             dtype=cfg.policy.dtype, num_replicas=cfg.cluster.serve_replicas,
+                             dtype=cfg.policy.dtype, policy=cfg.policy,
+                             num_replicas=cfg.cluster.serve_replicas,
                              max_batch_size=max_batch_size, seed=cfg.seed, **options)
         print(f"policy API ready at {url}  (POST {url}/v1/act, GET {url}/v1/info, GET {url}/healthz; "
               f"auth {'on' if auth else 'OFF'}); Ctrl-C to stop", flush=True)

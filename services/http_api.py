@@ -4,8 +4,8 @@
     GET  /v1/info   model facts, limits and batching counters          (Bearer token)
     GET  /healthz   liveness                                            (no auth)
 
-Concurrent requests share one forward pass (`@serve.batch`). Actions are un-normalised env actions;
-no environment-specific post-processing (e.g. LIBERO's gripper flip) is applied.
+Concurrent requests share one forward pass (`@serve.batch`). Actions are un-normalised env actions, with
+no environment-specific post-processing (e.g. LIBERO's gripper flip).
 Every client mistake is a 4xx JSON error {"error": {"status", "code", "message", "field"}}.
 Contract: docs/serving.md. RayService import path: `services.http_api:app_builder`.
 """
@@ -34,6 +34,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from common.config import PolicyConfig
 from common.records import ActionChunk, Observation
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class HTTPApiArgs(BaseModel):
     auth: bool = True
     unnorm_key: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    policy: PolicyConfig | None = None  # the run's: what official folders do not record (chunk, center_crop)
     max_batch_size: int = Field(16, gt=0, le=256)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=1)
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, le=64 * 1024 * 1024)
@@ -222,8 +224,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 class PolicyHTTPDeployment:
     def __init__(self, policy_path: str, token_sha256: str | None, args: dict):
         import torch
-
-        from policy.checkpoint import load_policy
+        from policy.checkpoint import load_policy  # noqa: I001 (heavy imports stay in the replica)
 
         self.args = HTTPApiArgs.model_validate(args)
         if self.args.torch_threads:
@@ -231,7 +232,7 @@ class PolicyHTTPDeployment:
         self.token_digest = bytes.fromhex(token_sha256) if token_sha256 else None
         if self.args.auth and self.token_digest is None:
             raise ValueError("auth is on but no API token digest was given (build the app with app_builder)")
-        self.policy = load_policy(policy_path, unnorm_key=self.args.unnorm_key, dtype=self.args.dtype)
+        self.policy = load_policy(policy_path, unnorm_key=self.args.unnorm_key, dtype=self.args.dtype, policy=self.args.policy)
         self.policy.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()  # Ray hides GPUs unless num_gpus > 0
         replica = serve.get_replica_context().replica_id.unique_id.encode()
         self.generator = torch.Generator(device=self.policy.device).manual_seed(self.args.seed * 1_000_003 + zlib.crc32(replica))
