@@ -40,8 +40,9 @@ def eval_states(env_cfg: EnvConfig, info: dict) -> list[int]:
         return list(info["eval"])
     from env_workers.libero.suites import NUM_INIT_STATES
 
-    heldout = [s for s in info["eval"] if s not in set(info["train"])]
-    return heldout + [s for s in range(NUM_INIT_STATES) if s not in set(heldout)]
+    train = set(info["train"])
+    heldout = [s for s in info["eval"] if s not in train]
+    return heldout + sorted(set(range(NUM_INIT_STATES)) - set(heldout))
 
 
 def evaluate(rollout: Rollout, out_dir: Path, episodes_per_task: int | None, videos: int, timeout_s: float = 3600) -> dict:

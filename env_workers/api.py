@@ -10,9 +10,20 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from common.config import InitStateConfig
 from common.records import Observation, StepResult
 
 Split = Literal["train", "eval"]
+
+
+def split_init_states(cfg: InitStateConfig, split: Split) -> list[int]:
+    """Indices of a task's initial states for `split`: train = the first num_train, eval = the next
+    num_eval (disjoint), or the train states again under the paper's shared split."""
+    if split == "train" or (split == "eval" and cfg.split == "paper"):  # the paper evaluates on its training states
+        return list(range(cfg.num_train))
+    if split == "eval":
+        return list(range(cfg.num_train, cfg.num_train + cfg.num_eval))
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
 
 
 @runtime_checkable

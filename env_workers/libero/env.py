@@ -24,7 +24,7 @@ import numpy as np
 
 from common.config import EnvConfig
 from common.records import Observation, StepResult
-from env_workers.api import Split
+from env_workers.api import Split, split_init_states
 from env_workers.libero import conventions
 from env_workers.libero.bootstrap import ensure_libero
 from env_workers.libero.suites import NUM_INIT_STATES, SuiteCatalog
@@ -72,12 +72,7 @@ class LiberoEnv:
 
     def init_states(self, task: str, split: Split) -> list[int]:
         self.catalog.task(task)
-        s = self.cfg.init_states
-        if split == "train" or (split == "eval" and s.split == "paper"):  # the paper evaluates on its training states
-            return list(range(s.num_train))
-        if split == "eval":
-            return list(range(s.num_train, s.num_train + s.num_eval))
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return split_init_states(self.cfg.init_states, split)
 
     def reset(self, task: str, init_state: int) -> Observation:
         states = self.catalog.init_states(task)

@@ -18,7 +18,7 @@ import numpy as np
 
 from common.config import EnvConfig
 from common.records import Observation, StepResult
-from env_workers.api import Split
+from env_workers.api import Split, split_init_states
 from env_workers.tabletop.scene import EE_HIGH, EE_LOW, Sim
 from env_workers.tabletop.tasks import SUITE, TASKS, Layout, TaskSpec, get_task
 
@@ -60,12 +60,7 @@ class TabletopEnv:
 
     def init_states(self, task: str, split: Split) -> list[int]:
         get_task(task)
-        s = self.cfg.init_states
-        if split == "train" or s.split == "paper":  # the paper evaluates on its training states
-            return list(range(s.num_train))
-        if split == "eval":
-            return list(range(s.num_train, s.num_train + s.num_eval))
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return split_init_states(self.cfg.init_states, split)
 
     def reset(self, task: str, init_state: int) -> Observation:
         spec = get_task(task)
