@@ -30,8 +30,13 @@ def eval_max_steps(env_cfg: EnvConfig) -> int:
 
 
 def eval_config(cfg: RunConfig) -> RunConfig:
-    """The run config of `vla-grpo eval`: envs stop at the evaluation step limit."""
-    return cfg.model_copy(update={"env": cfg.env.model_copy(update={"max_steps": eval_max_steps(cfg.env)})})
+    """The run config of `vla-grpo eval`: envs stop at the evaluation step limit. Per-task limits
+    stay unless an evaluation limit is given (`env.eval_max_steps`, or LIBERO's protocol)."""
+    env = cfg.env
+    update = {"max_steps": eval_max_steps(env)}
+    if env.eval_max_steps is not None or env.backend == "libero":
+        update["task_max_steps"] = {}
+    return cfg.model_copy(update={"env": env.model_copy(update=update)})
 
 
 def eval_states(env_cfg: EnvConfig, info: dict) -> list[int]:
@@ -67,6 +72,7 @@ def evaluate(rollout: Rollout, out_dir: Path, episodes_per_task: int | None, vid
         "per_task": {t: _task_entry(v, train[t]) for t, v in sorted(per_task.items())},
         "mean_env_steps": float(np.mean([m["env_steps"] for _, m, _ in results])),
         "max_steps": env_cfg.max_steps,
+        "task_max_steps": dict(env_cfg.task_max_steps),
         "init_states": _split_entry(env_cfg, per_task, train),
     }
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))

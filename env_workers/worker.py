@@ -173,7 +173,8 @@ class EnvWorker:
         try:
             obs = [await s.call("reset", t, i) for s, (t, i) in zip(slots, requests)]
             done, useful, queries, offered = [False] * len(slots), 0, 0, 0
-            while offered < self.env_cfg.max_steps:  # one policy query per env per chunk, up to the limit
+            limit = max(self.env_cfg.step_limit(t) for t, _ in requests)
+            while offered < limit:  # one policy query per env per chunk, up to the longest limit
                 chunks = await asyncio.gather(*[_resolve(self.handle.act.remote(o, temperature, False)) for o in obs])
                 queries += len(chunks)
                 offered += len(chunks[0].actions)

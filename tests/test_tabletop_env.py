@@ -64,6 +64,18 @@ def test_episode_is_done_at_the_step_limit_and_refuses_further_steps():
         assert e.step(_noop()).done is False
 
 
+def test_per_task_step_limits_override_max_steps_and_reject_unknown_tasks():
+    with TabletopEnv(_cfg(max_steps=6, task_max_steps={"red_on_yellow": 3})) as e:
+        for task, limit in (("red_on_yellow", 3), ("stack_red_on_green", 6)):
+            e.reset(task, 0)
+            dones = [e.step(_noop()).done for _ in range(limit)]
+            assert dones == [False] * (limit - 1) + [True], task
+    with pytest.raises(KeyError, match="red_in_bowl"):  # the error lists the known tasks
+        TabletopEnv(_cfg(task_max_steps={"red_in_bwol": 3}))
+    with pytest.raises(ValueError, match="task_max_steps"):
+        _cfg(task_max_steps={"red_on_yellow": 0})
+
+
 def test_close_releases_the_simulators_and_can_be_called_twice():
     e = TabletopEnv(_cfg(tasks=["red_on_yellow"]))
     e.reset("red_on_yellow", 0)
@@ -230,3 +242,14 @@ def test_expert_solves_eval_init_states(env, task):
         assert actions.shape[1] == 7 and np.all(np.abs(actions) <= 1.0)
         # No exact no-ops mid-demo (OpenVLA would filter them).
         assert np.all(np.linalg.norm(actions[:, :6], axis=1) > 1e-4)
+
+
+def test_eval_keeps_per_task_limits_unless_an_eval_limit_is_given():
+    from common.config import RunConfig
+    from deploy.evaluate import eval_config
+
+    cfg = RunConfig(env=_cfg(max_steps=48, task_max_steps={"red_then_blue_in_bowl": 96}))
+    ev = eval_config(cfg).env
+    assert ev.step_limit("red_then_blue_in_bowl") == 96 and ev.step_limit("red_in_bowl") == 48
+    ev = eval_config(cfg.model_copy(update={"env": cfg.env.model_copy(update={"eval_max_steps": 200})})).env
+    assert ev.step_limit("red_then_blue_in_bowl") == ev.step_limit("red_in_bowl") == 200

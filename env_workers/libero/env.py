@@ -47,7 +47,7 @@ class LiberoEnv:
         self.gl = ensure_libero(msaa=cfg.msaa)["gl"]
         self.catalog = SuiteCatalog(cfg.suite)
         names = list(cfg.tasks) if cfg.tasks else self.catalog.names
-        for n in names:
+        for n in [*names, *cfg.task_max_steps]:
             self.catalog.task(n)  # fail at construction on a typo, naming the known tasks
         self.cfg = cfg
         self.max_steps = cfg.max_steps
@@ -109,7 +109,7 @@ class LiberoEnv:
         self._obs = obs
         self.steps += 1
         self.success = bool(done)  # LIBERO's step returns done = the task's goal predicate
-        self._done = self.success or self.steps >= self.max_steps
+        self._done = self.success or self.steps >= self.cfg.task_max_steps.get(self.task, self.max_steps)
         return StepResult(observation=self.observe(), success=self.success, done=self._done)
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ class TabletopEnv:
         if cfg.suite != SUITE:
             raise ValueError(f"the tabletop backend has one suite, {SUITE!r}; got env.suite {cfg.suite!r}")
         names = list(cfg.tasks) if cfg.tasks else list(TASKS)
-        for n in names:
+        for n in [*names, *cfg.task_max_steps]:
             get_task(n)  # fail at construction on a typo, naming the known tasks
         self.cfg = cfg
         self._names = names
@@ -84,7 +84,7 @@ class TabletopEnv:
         sim.step(np.clip(target, EE_LOW, EE_HIGH), close=bool(a[6] > 0.0))
         self.steps += 1
         self.success = self.task.success(sim)
-        self._done = self.success or self.steps >= self.cfg.max_steps
+        self._done = self.success or self.steps >= self.cfg.step_limit(self.task.name)
         return StepResult(observation=self.observe(), success=self.success, done=self._done)
 
     def close(self) -> None:
