@@ -1,6 +1,6 @@
 """Rollout throughput: our slot-freeing rollout vs the original's lock-step rollout, same run.
 
-    python scripts/bench_rollout.py [configs/demo.yaml] [key=value ...]
+    python scripts/bench_rollout.py [configs/demo.yaml] [--rounds N] [key=value ...]
 
 Prints env steps/s, mean inference batch size and queue depth for both modes and their ratio;
 writes run_dir/bench_rollout.json. The policy is `policy.path` if set (e.g. runs/demo/rl_policy),
@@ -24,11 +24,16 @@ from common.config_loading import load_config  # noqa: E402
 from deploy.runtime import Rollout, init_ray  # noqa: E402
 from policy.checkpoint import build_policy, save_policy  # noqa: E402
 
-ROUNDS = 8
+ROUNDS = 8  # rounds of one episode per env slot, per mode
 
 
 def main() -> None:
     args = sys.argv[1:]
+    rounds = ROUNDS
+    if "--rounds" in args:
+        i = args.index("--rounds")
+        rounds = int(args[i + 1])
+        del args[i : i + 2]
     path = args.pop(0) if args and args[0].endswith(".yaml") else "configs/demo.yaml"
     cfg = load_config(path, args + ["logging.tensorboard=false"])
     run_dir = Path(cfg.run_dir) / "bench"
@@ -45,13 +50,13 @@ def main() -> None:
             before = rollout.handle.stats.remote().result(timeout_s=60)
             start = time.perf_counter()
             if mode == "ours":
-                done = rollout.pool.run_all([Episode(t, s, cfg.rollout.temperature, False) for t, s in requests * ROUNDS], 1800)
+                done = rollout.pool.run_all([Episode(t, s, cfg.rollout.temperature, False) for t, s in requests * rounds], 1800)
                 steps = sum(m["env_steps"] for _, m, _ in done)
             else:
                 per = cfg.cluster.envs_per_worker
                 shards = [requests[i * per:(i + 1) * per] for i in range(len(rollout.pool.workers))]
                 out = []
-                for _ in range(ROUNDS):
+                for _ in range(rounds):
                     out += ray.get([w.run_lockstep.remote(sh, cfg.rollout.temperature) for w, sh in zip(rollout.pool.workers, shards)])
                 steps = sum(o["env_steps"] for o in out)
             seconds = time.perf_counter() - start
@@ -62,6 +67,7 @@ def main() -> None:
                              "queue_depth": ray.get(rollout.queue.size.remote())}
     finally:
         rollout.shutdown()
+    results["rounds"] = rounds
     results["ratio_ours_over_lockstep"] = results["ours"]["env_steps_per_s"] / results["lockstep"]["env_steps_per_s"]
     for mode in ("ours", "lockstep"):
         r = results[mode]
