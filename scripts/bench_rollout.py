@@ -32,6 +32,8 @@ def main() -> None:
     rounds = ROUNDS
     if "--rounds" in args:
         i = args.index("--rounds")
+        if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) < 1:
+            sys.exit("--rounds needs a positive whole number, e.g. --rounds 32")
         rounds = int(args[i + 1])
         del args[i : i + 2]
     path = args.pop(0) if args and args[0].endswith(".yaml") else "configs/demo.yaml"
