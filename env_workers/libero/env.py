@@ -109,7 +109,7 @@ class LiberoEnv:
         self._obs = obs
         self.steps += 1
         self.success = bool(done)  # LIBERO's step returns done = the task's goal predicate
-        self._done = self.success or self.steps >= self.cfg.task_max_steps.get(self.task, self.max_steps)
+        self._done = self.success or self.steps >= self.cfg.step_limit(self.task)
         return StepResult(observation=self.observe(), success=self.success, done=self._done)
 
     def close(self) -> None:
