@@ -89,7 +89,9 @@ class EnvConfig(Section):
         description="per-task step limits (gymnasium's per-env max_episode_steps); unlisted tasks use max_steps",
     )
     num_steps_wait: int = Field(10, ge=0)
-    step_timeout_s: float = Field(30.0, gt=0)
+    step_timeout_s: float = Field(
+        30.0, gt=0, description="deadline per env step (a chunk of k actions gets k times this); a stuck env is rebuilt"
+    )
     msaa: bool = Field(False, description="LIBERO: 4x multisampling as robosuite's default; off renders ~2.5x faster")
     init_states: InitStateConfig = InitStateConfig()
 

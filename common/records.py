@@ -26,6 +26,17 @@ class StepResult:
 
 
 @dataclass
+class ChunkResult:
+    """What an env reports after applying an action chunk (stops early when the episode ends)."""
+
+    observation: Observation  # after the last applied action
+    success: bool
+    done: bool
+    steps: int  # actions applied
+    frames: list[np.ndarray] | None = None  # the image after every applied action, when asked for (videos)
+
+
+@dataclass
 class ActionChunk:
     tokens: np.ndarray  # [chunk, dims] int64 action-token ids
     logprobs: np.ndarray  # [chunk, dims] float32, under the sampling temperature

@@ -11,7 +11,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from common.config import InitStateConfig
-from common.records import Observation, StepResult
+from common.records import ChunkResult, Observation, StepResult
 
 Split = Literal["train", "eval"]
 
@@ -44,4 +44,25 @@ class EpisodeEnv(Protocol):
     def step(self, action: np.ndarray) -> StepResult:
         """Apply one env action ([action_dim] float); `done` once success or the step limit."""
 
+    def step_chunk(self, actions: np.ndarray, keep_frames: bool = False) -> ChunkResult:
+        """Apply `actions` ([k, action_dim]) in order until the episode ends; same outcome as k
+        `step` calls, but a backend may render only the observation the policy reads next
+        (`step_each` is the plain version)."""
+
     def close(self) -> None: ...
+
+
+def step_each(env: EpisodeEnv, actions: np.ndarray, keep_frames: bool = False) -> ChunkResult:
+    """`step_chunk` as repeated `step` calls, for backends that observe at every step anyway."""
+    frames: list[np.ndarray] | None = [] if keep_frames else None
+    steps, result = 0, None
+    for action in actions:
+        result = env.step(action)
+        steps += 1
+        if frames is not None:
+            frames.append(result.observation.image)
+        if result.done:
+            break
+    if result is None:
+        raise ValueError("step_chunk needs at least one action")
+    return ChunkResult(observation=result.observation, success=result.success, done=result.done, steps=steps, frames=frames)

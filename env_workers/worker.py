@@ -21,7 +21,7 @@ import numpy as np
 import ray
 
 from common.config import EnvConfig
-from common.records import Trajectory
+from common.records import ChunkResult, Trajectory
 from policy.action_tokenizer import postprocess_gripper
 
 GRIPPER = {"tabletop": dict(binarize=True, invert=False), "maniskill": dict(binarize=False, invert=False)}
@@ -56,13 +56,20 @@ class EnvSlot:
 
         return make_env(self.env_cfg)
 
-    async def call(self, fn_name: str, *args):
+    async def call(self, fn_name: str, *args, steps: int = 1):
+        """env.<fn_name>(*args) on the sim thread, with a deadline of env.step_timeout_s per env step."""
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.executor, getattr(self.env, fn_name), *args)
+        deadline = self.env_cfg.step_timeout_s * steps
         try:
-            return await asyncio.wait_for(fut, timeout=self.env_cfg.step_timeout_s)
+            return await asyncio.wait_for(fut, timeout=deadline)
         except asyncio.TimeoutError:
-            raise EnvTimeout(f"env.{fn_name} took longer than env.step_timeout_s={self.env_cfg.step_timeout_s}s") from None
+            raise EnvTimeout(f"env.{fn_name} took longer than {deadline}s "
+                             f"(env.step_timeout_s={self.env_cfg.step_timeout_s}s x {steps} steps)") from None
+
+    async def step_chunk(self, actions: np.ndarray, keep_frames: bool = False) -> ChunkResult:
+        # One sim-thread hop per chunk instead of per step; the deadline grows with the chunk.
+        return await self.call("step_chunk", actions, keep_frames, steps=len(actions))
 
     def close(self):
         try:
@@ -143,17 +150,14 @@ class EnvWorker:
             tokens.append(chunk.tokens)
             logprobs.append(chunk.logprobs)
             versions.append(chunk.policy_version)
+            result = await slot.step_chunk(to_env_actions(self.env_cfg.backend, chunk.actions), record_video)
             ran = np.zeros(chunk.tokens.shape[0], dtype=bool)
-            for k, action in enumerate(to_env_actions(self.env_cfg.backend, chunk.actions)):
-                result = await slot.call("step", action)
-                ran[k] = True
-                steps += 1
-                obs = result.observation
-                if record_video:
-                    frames.append(obs.image)
-                if result.done:
-                    success, done = bool(result.success), True
-                    break
+            ran[: result.steps] = True
+            steps += result.steps
+            obs = result.observation
+            if record_video:
+                frames.extend(result.frames)
+            success, done = bool(result.success), result.done
             executed.append(ran)
         self.env_steps += steps
         traj = Trajectory(task=task, init_state=init_state, instruction=obs.instruction, images=np.stack(images),
@@ -179,12 +183,11 @@ class EnvWorker:
                 queries += len(chunks)
                 offered += len(chunks[0].actions)
                 for j, (slot, chunk) in enumerate(zip(slots, chunks)):
-                    for action in to_env_actions(self.env_cfg.backend, chunk.actions):
-                        if done[j]:
-                            break  # the env is finished: the original pads, costing the inference above
-                        result = await slot.call("step", action)
-                        useful += 1
-                        obs[j], done[j] = result.observation, result.done
+                    if done[j]:
+                        continue  # the env is finished: the original pads, costing the inference above
+                    result = await slot.step_chunk(to_env_actions(self.env_cfg.backend, chunk.actions))
+                    useful += result.steps
+                    obs[j], done[j] = result.observation, result.done
             self.env_steps += useful
             return {"env_steps": useful, "queries": queries}
         finally:

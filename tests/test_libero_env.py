@@ -114,6 +114,10 @@ def test_step_returns_step_results_and_stops_at_the_step_limit(env):
     env.reset(TASK, 0)
     with pytest.raises(ValueError, match="7 values"):
         env.step(np.zeros(6))
+    env.reset(TASK, 0)  # a chunk stops at the limit too, with the same last observation
+    chunk = env.step_chunk(np.tile(_noop(), (env.max_steps + 3, 1)), keep_frames=True)
+    assert (chunk.steps, chunk.done, chunk.success, len(chunk.frames)) == (env.max_steps, True, False, env.max_steps)
+    np.testing.assert_array_equal(chunk.observation.image, results[-1].observation.image)
 
 
 def test_success_is_detected_when_the_bowl_is_put_on_the_plate(env):

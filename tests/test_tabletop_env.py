@@ -76,6 +76,53 @@ def test_per_task_step_limits_override_max_steps_and_reject_unknown_tasks():
         _cfg(task_max_steps={"red_on_yellow": 0})
 
 
+def test_step_chunk_matches_single_steps_and_stops_at_the_step_limit():
+    """A chunk renders once but must end exactly where k single steps end, also when the step
+    limit falls inside the chunk, and give one frame per applied action when asked."""
+    rng = np.random.default_rng(3)
+    actions = rng.uniform(-1, 1, (10, 7)).astype(np.float32)
+    with TabletopEnv(_cfg(max_steps=7, tasks=["red_in_bowl"])) as e:
+        e.reset("red_in_bowl", 2)
+        singles = []
+        for a in actions:
+            singles.append(e.step(a))
+            if singles[-1].done:
+                break
+        assert len(singles) == 7  # the limit ends the episode inside the second chunk below
+        e.reset("red_in_bowl", 2)
+        first = e.step_chunk(actions[:4])
+        second = e.step_chunk(actions[4:], keep_frames=True)
+        assert (first.steps, first.done, first.frames) == (4, False, None)
+        assert (second.steps, second.done, second.success) == (3, True, singles[-1].success)
+        np.testing.assert_array_equal(first.observation.image, singles[3].observation.image)
+        np.testing.assert_array_equal(first.observation.proprio, singles[3].observation.proprio)
+        np.testing.assert_array_equal(second.observation.image, singles[-1].observation.image)
+        np.testing.assert_array_equal(second.observation.proprio, singles[-1].observation.proprio)
+        assert len(second.frames) == 3
+        for frame, single in zip(second.frames, singles[4:]):
+            np.testing.assert_array_equal(frame, single.observation.image)
+        with pytest.raises(RuntimeError, match="reset"):
+            e.step_chunk(actions[:2])
+        e.reset("red_in_bowl", 2)
+        with pytest.raises(ValueError, match="actions must be"):
+            e.step_chunk(actions[0])
+
+
+def test_step_each_is_the_plain_chunk_step():
+    from env_workers.api import step_each
+
+    actions = np.tile(_noop(), (5, 1))
+    with TabletopEnv(_cfg(max_steps=3, tasks=["red_on_yellow"])) as e:
+        e.reset("red_on_yellow", 0)
+        plain = step_each(e, actions, keep_frames=True)
+        e.reset("red_on_yellow", 0)
+        fast = e.step_chunk(actions, keep_frames=True)
+    assert (plain.steps, plain.done) == (fast.steps, fast.done) == (3, True)
+    for a, b in zip(plain.frames, fast.frames):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(plain.observation.image, fast.observation.image)
+
+
 def test_close_releases_the_simulators_and_can_be_called_twice():
     e = TabletopEnv(_cfg(tasks=["red_on_yellow"]))
     e.reset("red_on_yellow", 0)

@@ -23,8 +23,8 @@ import weakref
 import numpy as np
 
 from common.config import EnvConfig
-from common.records import Observation, StepResult
-from env_workers.api import Split, split_init_states
+from common.records import ChunkResult, Observation, StepResult
+from env_workers.api import Split, split_init_states, step_each
 from env_workers.libero import conventions
 from env_workers.libero.bootstrap import ensure_libero
 from env_workers.libero.suites import NUM_INIT_STATES, SuiteCatalog
@@ -111,6 +111,9 @@ class LiberoEnv:
         self.success = bool(done)  # LIBERO's step returns done = the task's goal predicate
         self._done = self.success or self.steps >= self.cfg.step_limit(self.task)
         return StepResult(observation=self.observe(), success=self.success, done=self._done)
+
+    def step_chunk(self, actions: np.ndarray, keep_frames: bool = False) -> ChunkResult:
+        return step_each(self, actions, keep_frames)  # robosuite renders its observables inside every step
 
     def close(self) -> None:
         if self._env is not None:
