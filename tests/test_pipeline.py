@@ -68,6 +68,19 @@ def test_trajectories_are_compact_and_freed_slots_do_not_pad(pipeline):
         assert traj.num_chunks == -(-meta["env_steps"] // 8), "policy queried after the episode ended"
 
 
+def test_video_frames_and_the_lockstep_baseline_step_whole_chunks(pipeline):
+    cfg, rollout = pipeline
+    worker = rollout.pool.workers[0]
+    meta_ref, _ = worker.run_episode.remote("red_in_bowl", 3, 1.6, False, True)
+    meta = ray.get(meta_ref, timeout=120)
+    assert meta["frames"].shape == (meta["env_steps"], 64, 64, 3)  # one frame per applied action
+    # Lock-step queries the policy for every env until the longest limit, finished or not, and
+    # counts only the actions it applied.
+    out = ray.get(worker.run_lockstep.remote([("red_in_bowl", 0), ("green_in_bowl", 1)], 1.6), timeout=120)
+    assert out["queries"] == 2 * -(-cfg.env.max_steps // cfg.policy.action_chunk)
+    assert 0 < out["env_steps"] <= 2 * cfg.env.max_steps
+
+
 def test_sigkilled_env_worker_episode_is_rerun_with_exact_counts(pipeline):
     cfg, rollout = pipeline
     pool = rollout.pool
