@@ -89,8 +89,7 @@ class TabletopEnv:
                 frames.append(self.render())
             if self._done:
                 break
-        image = frames[-1] if frames else self.render()
-        obs = Observation(image=image, instruction=self.task.instruction, proprio=self.proprio())
+        obs = self.observe(frames[-1] if frames else None)  # a video's last frame is the observation
         return ChunkResult(observation=obs, success=self.success, done=self._done, steps=steps, frames=frames)
 
     def _apply(self, action: np.ndarray) -> None:
@@ -118,8 +117,10 @@ class TabletopEnv:
         self.sim = None
 
     # --- helpers (experts, demos and tests use them too) ---
-    def observe(self) -> Observation:
-        return Observation(image=self.render(), instruction=self.task.instruction, proprio=self.proprio())
+    def observe(self, image: np.ndarray | None = None) -> Observation:
+        """The current observation; `image` if this state was already rendered."""
+        return Observation(image=self.render() if image is None else image, instruction=self.task.instruction,
+                           proprio=self.proprio())
 
     def proprio(self) -> np.ndarray:
         q = self.sim.finger_q
