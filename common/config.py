@@ -93,7 +93,18 @@ class EnvConfig(Section):
         30.0, gt=0, description="deadline per env step (a chunk of k actions gets k times this); a stuck env is rebuilt"
     )
     msaa: bool = Field(False, description="LIBERO: 4x multisampling as robosuite's default; off renders ~2.5x faster")
+    control: Literal["delta", "absolute"] = Field(
+        "delta",
+        description="tabletop: position dims are per-step deltas (LIBERO's OSC convention) or absolute gripper "
+                    "targets in the workspace box scaled to [-1, 1] (Diffusion Policy / ACT style position control)",
+    )
     init_states: InitStateConfig = InitStateConfig()
+
+    @model_validator(mode="after")
+    def _control_supported(self):
+        if self.control == "absolute" and self.backend != "tabletop":
+            raise ValueError(f"control 'absolute' exists for the tabletop backend only (backend is {self.backend!r})")
+        return self
 
     def step_limit(self, task: str) -> int:
         """The step limit of one task's episodes."""

@@ -44,6 +44,7 @@ def select_demos(demos: list, per_task: int) -> list:
 
 def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
     from env_workers.demos import dataset_statistics, read_demos
+    from env_workers.factory import env_scaled_action_dims
     from policy.checkpoint import build_policy, load_policy, save_policy
 
     demos = select_demos(read_demos(demo_folder(cfg)), cfg.sft.demos_per_task)
@@ -55,7 +56,7 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
         for d in demos:
             d.actions = libero_to_openvla(d.actions)
     key = cfg.policy.unnorm_key or cfg.env.suite
-    norm_stats = {key: dataset_statistics(demos)}
+    norm_stats = {key: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
     if cfg.policy.path is not None:
         policy = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, unnorm_key=cfg.policy.unnorm_key, policy=cfg.policy)
     else:

@@ -217,10 +217,12 @@ def _instruction(data: h5py.Group, task: str) -> str:
 
 
 # --- statistics ---
-def dataset_statistics(demos: Sequence[Demo]) -> dict:
+def dataset_statistics(demos: Sequence[Demo], scaled_dims: Sequence[int] = ()) -> dict:
     """OpenVLA's `dataset_statistics.json` entry for one dataset (lists of floats).
 
-    `mask` says which action dims get normalised: all but the gripper (last), which stays binary.
+    `mask` says which action dims get normalised with q01/q99: all but the gripper (last), which
+    stays binary, and `scaled_dims`, which the env already gives in [-1, 1] over their whole range
+    (absolute targets: a few demos' q01/q99 would cut off positions they never visited).
     """
     if not demos:
         raise ValueError("dataset_statistics needs at least one demo")
@@ -229,7 +231,7 @@ def dataset_statistics(demos: Sequence[Demo]) -> dict:
         proprio = np.concatenate([d.proprio for d in demos]).astype(np.float64)
     else:  # OpenVLA's convention for datasets without proprio
         proprio = np.zeros_like(actions)
-    mask = [True] * (actions.shape[1] - 1) + [False]
+    mask = [i not in scaled_dims for i in range(actions.shape[1] - 1)] + [False]
     return {
         "action": {**_stats(actions), "mask": mask},
         "proprio": _stats(proprio),

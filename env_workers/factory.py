@@ -38,3 +38,9 @@ def make_env(env_cfg: EnvConfig) -> EpisodeEnv:
             "use env.backend: tabletop (suite: tabletop) for the built-in MuJoCo suite"
         )
     raise BackendUnavailable(f"unknown env.backend {env_cfg.backend!r}; known: tabletop, libero, maniskill")
+
+
+def env_scaled_action_dims(env_cfg: EnvConfig) -> tuple[int, ...]:
+    """Action dims the env already gives in [-1, 1] over their whole range, which dataset
+    statistics must not rescale: the tabletop's absolute position targets (x, y, z)."""
+    return (0, 1, 2) if env_cfg.control == "absolute" else ()

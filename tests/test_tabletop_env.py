@@ -300,3 +300,66 @@ def test_eval_keeps_per_task_limits_unless_an_eval_limit_is_given():
     assert ev.step_limit("red_then_blue_in_bowl") == 96 and ev.step_limit("red_in_bowl") == 48
     ev = eval_config(cfg.model_copy(update={"env": cfg.env.model_copy(update={"eval_max_steps": 200})})).env
     assert ev.step_limit("red_then_blue_in_bowl") == ev.step_limit("red_in_bowl") == 200
+
+
+# --- absolute (position) control ---
+def test_absolute_control_drives_the_gripper_to_the_commanded_point_at_bounded_speed():
+    from env_workers.tabletop.env import MAX_LEAD
+    from env_workers.tabletop.scene import EE_HIGH, EE_LOW
+
+    with TabletopEnv(_cfg(control="absolute")) as env:
+        env.reset("red_on_yellow", 0)
+        goal = np.array([0.1, -0.05, 0.12])
+        move = 2.0 * (goal - EE_LOW) / (EE_HIGH - EE_LOW) - 1.0
+        action = np.r_[move, 0, 0, 0, -1].astype(np.float32)
+        before = env.sim.ee_pos
+        env.step(action)
+        lead = env.sim.ee_target - before
+        assert np.abs(lead).max() <= MAX_LEAD + 1e-9  # far goals are approached, never jumped to
+        assert np.all(np.sign(lead[np.abs(goal - before) > 1e-3]) == np.sign((goal - before)[np.abs(goal - before) > 1e-3]))
+        for _ in range(20):  # the same absolute action again and again: the gripper settles there
+            env.step(action)
+        np.testing.assert_allclose(env.sim.ee_pos, goal, atol=2e-3)
+        np.testing.assert_allclose(env.sim.ee_target, goal, atol=1e-5)
+        # -1 / +1 are the workspace box's corners
+        env.reset("red_on_yellow", 0)
+        for _ in range(30):
+            env.step(np.array([1, -1, 1, 0, 0, 0, -1], np.float32))
+        np.testing.assert_allclose(env.sim.ee_target, [EE_HIGH[0], EE_LOW[1], EE_HIGH[2]], atol=1e-9)
+
+
+@pytest.mark.parametrize("task", ["red_then_blue_in_bowl", "push_red_to_yellow", "stack_green_on_red"])
+def test_experts_record_absolute_targets_that_replay_their_delta_episodes_exactly(env, task):
+    """Under absolute control the experts' actions are the servo targets their delta moves set:
+    same states, images and success, and replaying the recorded targets reproduces the episode."""
+    delta_obs, delta_actions, delta_ok = run_expert(env, task, 3)
+    with TabletopEnv(_cfg(control="absolute")) as absolute:
+        obs, actions, ok = run_expert(absolute, task, 3)
+        assert ok and delta_ok and len(actions) == len(delta_actions)
+        np.testing.assert_array_equal(obs[-1].image, delta_obs[-1].image)
+        np.testing.assert_allclose(obs[-1].proprio, delta_obs[-1].proprio, atol=1e-6)
+        assert not np.allclose(actions[:, :3], delta_actions[:, :3])  # they are different conventions
+        assert np.all(np.abs(actions) <= 1.0)
+        end = absolute.proprio()
+        absolute.reset(task, 3)
+        for a in actions:
+            res = absolute.step(a)
+        assert res.success and res.done
+        np.testing.assert_allclose(res.observation.proprio, end, atol=1e-5)
+
+
+def test_absolute_control_is_tabletop_only_and_its_targets_skip_q01_q99_rescaling():
+    from pydantic import ValidationError
+
+    from env_workers.demos import Demo, dataset_statistics
+    from env_workers.factory import env_scaled_action_dims
+
+    with pytest.raises(ValidationError, match="control 'absolute' exists for the tabletop backend only"):
+        EnvConfig(backend="libero", control="absolute")
+    assert env_scaled_action_dims(_cfg()) == ()
+    assert env_scaled_action_dims(_cfg(control="absolute")) == (0, 1, 2)
+    rng = np.random.default_rng(0)
+    demo = Demo(task="t", instruction="i", images=np.zeros((20, 8, 8, 3), np.uint8),
+                actions=rng.uniform(-0.5, 0.5, (20, 7)).astype(np.float32))
+    assert dataset_statistics([demo])["action"]["mask"] == [True] * 6 + [False]
+    assert dataset_statistics([demo], scaled_dims=(0, 1, 2))["action"]["mask"] == [False] * 3 + [True] * 3 + [False]

@@ -1,8 +1,12 @@
 """`TabletopEnv`: the built-in MuJoCo suite behind the `EpisodeEnv` API (env_workers/api.py).
 
-Actions are LIBERO's 7 dims [dx, dy, dz, droll, dpitch, dyaw, gripper] in [-1, 1]. Position deltas
-move the gripper's servo target by up to POS_SCALE per step; the rotation dims are accepted and
-ignored (the gripper keeps pointing down); gripper > 0 closes, <= 0 opens (LIBERO: -1 open, +1 close).
+Actions are LIBERO's 7 dims [dx, dy, dz, droll, dpitch, dyaw, gripper] in [-1, 1]. Under
+`env.control: delta` (LIBERO's convention) position dims move the gripper's servo target by up to
+POS_SCALE per step; under `absolute` they are the servo target itself, the workspace box
+[EE_LOW, EE_HIGH] scaled to [-1, 1] (position control, as Diffusion Policy and ACT use with action
+chunks: an error in one step does not carry into the next). Either way the target never leads the
+gripper by more than MAX_LEAD. The rotation dims are accepted and ignored (the gripper keeps
+pointing down); gripper > 0 closes, <= 0 opens (LIBERO: -1 open, +1 close).
 
 `num_steps_wait` is ignored: LIBERO waits for objects dropped into the scene to settle, but here
 blocks start exactly at rest on the table, so there is nothing to wait for (and no step is spent).
@@ -102,12 +106,30 @@ class TabletopEnv:
         if np.isnan(a).any():
             raise ValueError(f"action has NaN: {action}")
         sim = self.sim
-        pos = sim.ee_pos
-        target = np.clip(sim.ee_target + a[:3] * POS_SCALE, pos - MAX_LEAD, pos + MAX_LEAD)
-        sim.step(np.clip(target, EE_LOW, EE_HIGH), close=bool(a[6] > 0.0))
+        sim.step(self._servo_target(a[:3]), close=bool(a[6] > 0.0))
         self.steps += 1
         self.success = self.task.success(sim)
         self._done = self.success or self.steps >= self.cfg.step_limit(self.task.name)
+
+    def _servo_target(self, move: np.ndarray) -> np.ndarray:
+        """The servo target that position dims `move` (clipped to [-1, 1]) ask for in this state."""
+        if self.cfg.control == "absolute":
+            return self._lead_limited(EE_LOW + (move + 1.0) * 0.5 * (EE_HIGH - EE_LOW))
+        return self._lead_limited(self.sim.ee_target + move * POS_SCALE)
+
+    def _lead_limited(self, goal: np.ndarray) -> np.ndarray:
+        pos = self.sim.ee_pos
+        return np.clip(np.clip(goal, pos - MAX_LEAD, pos + MAX_LEAD), EE_LOW, EE_HIGH)
+
+    def from_delta(self, action: np.ndarray) -> np.ndarray:
+        """A delta-convention action -> this env's convention, moving the gripper the same way now
+        (the scripted experts think in deltas; under absolute control they record targets)."""
+        if self.cfg.control == "delta":
+            return action
+        out = np.array(action, dtype=np.float32, copy=True)
+        target = self._lead_limited(self.sim.ee_target + np.clip(np.asarray(action[:3], dtype=np.float64), -1.0, 1.0) * POS_SCALE)
+        out[:3] = 2.0 * (target - EE_LOW) / (EE_HIGH - EE_LOW) - 1.0
+        return out
 
     def close(self) -> None:
         for r in self._renderers.values():

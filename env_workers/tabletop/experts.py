@@ -57,7 +57,7 @@ class ScriptedExpert:
         a[3:6] = 0.0
         a = np.clip(a, -1.0, 1.0)
         self._prev = a
-        return a.astype(np.float32)
+        return self.env.from_delta(a.astype(np.float32))
 
     # --- the script ---
     def _script(self) -> Iterator[np.ndarray]:
