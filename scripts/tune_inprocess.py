@@ -1,0 +1,206 @@
+"""In-process copy of the demo's SFT -> eval -> GRPO -> eval loop, for fast A/B tuning.
+
+Same policy, env, tokenizer, SFT samples, group advantages, dynamic-sampling bounds and GRPO loss
+as the Ray pipeline, but in one process with plain torch (no Ray, no DeepSpeed, no Serve), so
+eight variants fit side by side on a 16-core machine (a GPU, when present, runs the model). It
+is a tuning tool, not the product: numbers from it are labelled "in-process" in docs/demo.md, and
+`make demo` is what the project measures.
+
+usage: python scripts/tune_inprocess.py CONFIG NAME SECONDS [--envs N] [--threads N] [key=value ...]
+       SECONDS is the GRPO wall budget; results go to runs/tune/NAME/{log.txt,result.json}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.nn.utils.rnn import pad_sequence  # noqa: E402
+
+from common.config_loading import load_config  # noqa: E402
+from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
+from env_workers.factory import env_scaled_action_dims, make_env  # noqa: E402
+from learner.grpo import group_advantages, grpo_loss, keep_group, sft_loss, token_mask  # noqa: E402
+from learner.sft_data import build_sft_samples, random_shift  # noqa: E402
+from policy.action_tokenizer import postprocess_gripper  # noqa: E402
+from policy.checkpoint import build_policy  # noqa: E402
+
+
+def parse(argv: list[str]):
+    if len(argv) < 3:
+        sys.exit(__doc__)
+    config, name, seconds, rest = argv[0], argv[1], float(argv[2]), argv[3:]
+    opts = {"--envs": 16, "--threads": 2}
+    overrides = []
+    it = iter(rest)
+    for a in it:
+        if a in opts:
+            opts[a] = int(next(it))
+        else:
+            overrides.append(a)
+    return load_config(config, overrides), name, seconds, opts["--envs"], opts["--threads"], overrides
+
+
+class Loop:
+    def __init__(self, cfg, name: str, n_envs: int):
+        self.cfg = cfg
+        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator(device=self.dev)
+        self.gen.manual_seed(cfg.seed)
+        self.envs = [make_env(cfg.env) for _ in range(n_envs)]
+        self.tasks = cfg.env.tasks or self.envs[0].task_names
+        self.out = Path("runs/tune") / name
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.out / "log.txt", "w")
+        self.name, self.t0 = name, time.time()
+
+    def log(self, text: str) -> None:
+        print(f"[{self.name} {time.time() - self.t0:6.0f}s] {text}", flush=True)
+        self._log.write(text + "\n")
+        self._log.flush()
+
+    def _optimizer(self, lr: float):
+        return torch.optim.AdamW([p for p in self.policy.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+    def _step(self, opt, loss) -> None:
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), self.cfg.learner.grad_clip)
+        opt.step()
+
+    def sft(self) -> None:
+        cfg = self.cfg
+        demos = record_demos(self.envs[0], self.tasks, cfg.sft.demos_per_task)
+        norm = {cfg.env.suite: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
+        self.policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": cfg.env.suite}), norm, seed=cfg.seed)
+        self.policy.model.to(self.dev)
+        images, instr, tokens, proprio = build_sft_samples(demos, self.policy.stats, self.policy.action_tokenizer,
+                                                           cfg.policy.action_chunk)
+        opt = self._optimizer(cfg.sft.lr)
+        for step in range(cfg.sft.steps):
+            idx = self.rng.choice(len(images), size=cfg.sft.batch_size)
+            logits = self.policy.action_logits(random_shift(images[idx], cfg.sft.shift_augment_px, self.rng),
+                                               [instr[i] for i in idx], proprio[idx] if self.policy.uses_proprio else None)
+            target = torch.tensor(tokens[idx], device=self.dev) - self.policy.action_tokenizer.first_id
+            loss = sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
+            self._step(opt, loss)
+            if (step + 1) % 250 == 0:
+                self.log(f"sft {step + 1} loss {loss.item():.3f}")
+
+    def rollout(self, requests: list[tuple[str, int]], greedy: bool, temperature: float) -> list[dict]:
+        """Episodes for (task, init state) requests; like the env workers, an env takes the next
+        request as soon as its episode ends and finished envs get no inference."""
+        pending, results = list(enumerate(requests)), [None] * len(requests)
+        slots: list[dict | None] = [None] * len(self.envs)
+        while pending or any(slots):
+            for i, env in enumerate(self.envs):
+                if slots[i] is None and pending:
+                    k, (task, state) = pending.pop(0)
+                    slots[i] = dict(k=k, task=task, obs=env.reset(task, state), images=[], proprio=[], tokens=[],
+                                    logp=[], executed=[])
+            active = [i for i, s in enumerate(slots) if s is not None]
+            chunks = self.policy.act([slots[i]["obs"] for i in active], temperature=temperature, greedy=greedy,
+                                     generator=self.gen)
+            for i, chunk in zip(active, chunks):
+                s = slots[i]
+                res = self.envs[i].step_chunk(postprocess_gripper(chunk.actions))
+                ran = np.zeros(chunk.tokens.shape[0], bool)
+                ran[: res.steps] = True
+                for key, value in (("images", s["obs"].image), ("proprio", s["obs"].proprio), ("tokens", chunk.tokens),
+                                   ("logp", chunk.logprobs), ("executed", ran)):
+                    s[key].append(value)
+                s["instruction"], s["obs"] = s["obs"].instruction, res.observation
+                if res.done:
+                    s["success"] = bool(res.success)
+                    results[s["k"]], slots[i] = s, None
+        return results
+
+    def evaluate(self) -> tuple[float, dict]:
+        reqs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, "eval")[: self.cfg.eval.episodes_per_task]]
+        res = self.rollout(reqs, greedy=True, temperature=1.0)
+        per_task = {t: float(np.mean([r["success"] for r in res if r["task"] == t])) for t in self.tasks}
+        return float(np.mean([r["success"] for r in res])), per_task
+
+    def grpo_update(self, opt, batch: list[list[dict]]) -> None:
+        cfg, T = self.cfg, self.cfg.rollout.temperature
+        trajs = [r for group in batch for r in group]
+        rewards = torch.tensor([float(r["success"]) for r in trajs])
+        group_ids = torch.tensor([g for g, group in enumerate(batch) for _ in group])
+        advantages = group_advantages(rewards, group_ids).numpy()
+        order = self.rng.permutation(len(trajs))
+        for start in range(0, len(trajs), cfg.learner.mini_batch_size):
+            sel = order[start : start + cfg.learner.mini_batch_size]
+            mb = [trajs[i] for i in sel]
+            sizes = [len(t["images"]) for t in mb]
+            tokens = torch.from_numpy(np.concatenate([np.stack(t["tokens"]).reshape(n, -1) for t, n in zip(mb, sizes)]))
+            proprio = np.concatenate([np.stack(t["proprio"]) for t in mb]) if self.policy.uses_proprio else None
+            logp, _ = self.policy.token_log_probs(np.concatenate([np.stack(t["images"]) for t in mb]),
+                                                  [t["instruction"] for t in mb for _ in t["images"]], tokens, T, proprio)
+            logp = pad_sequence([c.reshape(-1) for c in torch.split(logp, sizes)], batch_first=True)
+            old = pad_sequence([torch.tensor(np.stack(t["logp"]), dtype=torch.float32).reshape(-1) for t in mb],
+                               batch_first=True).to(self.dev)
+            mask = token_mask(pad_sequence([torch.tensor(np.stack(t["executed"])) for t in mb], batch_first=True),
+                              cfg.policy.action_dims).to(self.dev)
+            loss, _ = grpo_loss(logp, old, torch.tensor(advantages[sel], device=self.dev), mask,
+                                cfg.learner.clip_low, cfg.learner.clip_high)
+            self._step(opt, loss)
+
+    def grpo(self, seconds: float) -> list[float]:
+        """GRPO iterations until `seconds` pass; returns the rollout success of each iteration."""
+        cfg = self.cfg
+        G, n = cfg.rollout.groups_per_batch, cfg.rollout.group_size
+        pairs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, "train")]
+        opt, order, surplus, history = self._optimizer(cfg.learner.lr), [], [], []
+        start = time.time()
+        while time.time() - start < seconds:
+            batch, surplus, successes = surplus[:G], surplus[G:], []
+            for _ in range(cfg.rollout.max_rounds):
+                if len(batch) >= G:
+                    break
+                reqs = []
+                for _ in range(G):
+                    order = order or list(self.rng.permutation(len(pairs)))
+                    reqs += [pairs[order.pop()]] * n
+                res = self.rollout(reqs, greedy=False, temperature=cfg.rollout.temperature)
+                for g in range(G):
+                    group = res[g * n : (g + 1) * n]
+                    rate = float(np.mean([r["success"] for r in group]))
+                    successes.append(rate)
+                    if keep_group(rate, cfg.rollout.min_group_success, cfg.rollout.max_group_success):
+                        batch.append(group)
+            surplus += batch[G:]  # dynamic sampling keeps the surplus for the next step
+            if batch:
+                self.grpo_update(opt, batch[:G])
+            history.append(float(np.mean(successes)))
+            if len(history) % 10 == 0:
+                self.log(f"iteration {len(history)}  rollout success (last 10) {np.mean(history[-10:]):.3f}")
+        return history
+
+
+def main() -> None:
+    cfg, name, seconds, n_envs, threads, overrides = parse(sys.argv[1:])
+    torch.set_num_threads(threads)
+    loop = Loop(cfg, name, n_envs)
+    loop.sft()
+    sft, sft_per_task = loop.evaluate()
+    loop.log(f"SFT {sft:.3f} {json.dumps({k: round(v, 2) for k, v in sft_per_task.items()})}")
+    history = loop.grpo(seconds)
+    rl, rl_per_task = loop.evaluate()
+    loop.log(f"after {len(history)} GRPO iterations: SFT {sft:.3f} -> RL {rl:.3f} "
+             f"{json.dumps({k: round(v, 2) for k, v in rl_per_task.items()})}")
+    result = dict(name=name, overrides=overrides, sft=sft, rl=rl, iterations=len(history), sft_per_task=sft_per_task,
+                  rl_per_task=rl_per_task, rollout_success=history)
+    (loop.out / "result.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
