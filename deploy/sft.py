@@ -16,13 +16,22 @@ from learner.sft_data import build_sft_samples, random_shift
 
 
 def demo_folder(cfg: RunConfig) -> Path:
-    """The configured dataset, or expert demos recorded once into the run folder."""
+    """The configured dataset, or expert demos recorded once into the run folder (again when the
+    recorded ones use another action convention than `env.control`)."""
+    from env_workers.demos import record_demos, recorded_controls
+
     if cfg.sft.dataset is not None:
+        controls = recorded_controls(cfg.sft.dataset)
+        if controls - {cfg.env.control}:
+            raise ValueError(f"sft.dataset {cfg.sft.dataset}: demos recorded with env.control {sorted(controls)}, "
+                             f"but this run has env.control {cfg.env.control!r}; their actions would be misread")
         return Path(cfg.sft.dataset)
-    from env_workers.demos import record_demos
     from env_workers.factory import make_env
 
     folder = Path(cfg.run_dir) / "demos"
+    if any(folder.glob("*.hdf5")) and recorded_controls(folder) != {cfg.env.control}:
+        for stale in folder.glob("*.hdf5"):
+            stale.unlink()
     if not any(folder.glob("*.hdf5")):
         env = make_env(cfg.env)
         try:

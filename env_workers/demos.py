@@ -201,6 +201,18 @@ def _read_demo(g: h5py.Group, task: str, instruction: str, flip: bool) -> Demo:
     )
 
 
+def recorded_controls(folder: str | Path) -> set[str]:
+    """The tabletop action conventions (`env.control`) the demo files in `folder` were recorded
+    under; files without one (LIBERO's, or older ones) count as "delta"."""
+    controls = set()
+    for path in sorted(Path(folder).glob("*.hdf5")):
+        with h5py.File(path, "r") as f:
+            raw = f["data"].attrs.get("env_args")
+        kwargs = json.loads(_attr_str(raw)).get("env_kwargs", {}) if raw is not None else {}
+        controls.add(kwargs.get("control", "delta"))
+    return controls
+
+
 def _attr_str(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 

@@ -134,3 +134,27 @@ def test_statistics_without_proprio_use_zeros_like_openvla(tmp_path):
     assert stats["proprio"]["max"] == [0.0] * 7
     write_demos([d], tmp_path)
     assert read_demos(tmp_path)[0].proprio is None
+
+
+def test_demos_of_another_action_convention_are_re_recorded_or_refused(tmp_path):
+    """Cached expert demos recorded under delta control must not feed an absolute-control SFT
+    (their actions would be read as targets): the run's own cache is re-recorded, a given dataset
+    is refused naming both conventions."""
+    from common.config import RunConfig
+    from deploy.sft import demo_folder
+    from env_workers.demos import recorded_controls
+
+    env_kw = dict(backend="tabletop", suite="tabletop", tasks=["red_in_bowl"], image_size=32, max_steps=48, num_steps_wait=0)
+    delta = RunConfig(run_dir=tmp_path / "run", env=EnvConfig(**env_kw))
+    absolute = RunConfig(run_dir=tmp_path / "run", env=EnvConfig(**env_kw, control="absolute"))
+    folder = demo_folder(delta)
+    assert recorded_controls(folder) == {"delta"}
+    delta_actions = read_demos(folder)[0].actions
+    assert demo_folder(absolute) == folder and recorded_controls(folder) == {"absolute"}
+    absolute_actions = read_demos(folder)[0].actions
+    assert len(absolute_actions) == len(delta_actions) and not np.allclose(absolute_actions[:, :3], delta_actions[:, :3])
+    given = absolute.model_copy(update={"sft": absolute.sft.model_copy(update={"dataset": folder})})
+    assert demo_folder(given) == folder
+    refused = delta.model_copy(update={"sft": delta.sft.model_copy(update={"dataset": folder})})
+    with pytest.raises(ValueError, match=r"sft.dataset .*env.control \['absolute'\].*'delta'"):
+        demo_folder(refused)

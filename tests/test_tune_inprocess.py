@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tune_inprocess_runs_sft_grpo_and_writes_its_result(tmp_path):
     overrides = [
         "env.control=absolute", "sft.steps=3", "sft.batch_size=4", "eval.episodes_per_task=1",
-        "env.tasks=[red_in_bowl,stack_red_on_green]", "env.max_steps=16", "env.task_max_steps={}",
+        "env.tasks=[red_in_bowl,stack_red_on_green]",
         "rollout.groups_per_batch=2", "rollout.group_size=2", "rollout.max_rounds=1",
         "rollout.min_group_success=0", "learner.mini_batch_size=2", "learner.micro_batch_size=2",
     ]

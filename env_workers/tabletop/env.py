@@ -115,6 +115,9 @@ class TabletopEnv:
         """The servo target that position dims `move` (clipped to [-1, 1]) ask for in this state."""
         if self.cfg.control == "absolute":
             return self._lead_limited(EE_LOW + (move + 1.0) * 0.5 * (EE_HIGH - EE_LOW))
+        return self._delta_target(move)
+
+    def _delta_target(self, move: np.ndarray) -> np.ndarray:
         return self._lead_limited(self.sim.ee_target + move * POS_SCALE)
 
     def _lead_limited(self, goal: np.ndarray) -> np.ndarray:
@@ -127,7 +130,7 @@ class TabletopEnv:
         if self.cfg.control == "delta":
             return action
         out = np.array(action, dtype=np.float32, copy=True)
-        target = self._lead_limited(self.sim.ee_target + np.clip(np.asarray(action[:3], dtype=np.float64), -1.0, 1.0) * POS_SCALE)
+        target = self._delta_target(np.clip(np.asarray(action[:3], dtype=np.float64), -1.0, 1.0))
         out[:3] = 2.0 * (target - EE_LOW) / (EE_HIGH - EE_LOW) - 1.0
         return out
 
