@@ -41,6 +41,35 @@ class StepStats:
     extra: dict
 
 
+def trajectory_logprobs(policy: VLAPolicy, trajs: list[Trajectory], temperature: float):
+    """Forward every chunk of every trajectory at once -> per-trajectory padded log-probs and
+    entropies [B, L] of the stored tokens."""
+    images = np.concatenate([t.images for t in trajs])  # [sum T, H, W, 3]
+    instructions = [t.instruction for t in trajs for _ in range(t.num_chunks)]
+    tokens = torch.from_numpy(np.concatenate([t.tokens.reshape(t.num_chunks, -1) for t in trajs]))  # [sum T, A]
+    proprio = np.concatenate([t.proprio for t in trajs]) if policy.uses_proprio else None
+    logp, entropy = policy.token_log_probs(images, instructions, tokens, temperature, proprio)  # [sum T, A]
+    sizes = [t.num_chunks for t in trajs]
+    pad = lambda x: pad_sequence([c.reshape(-1) for c in torch.split(x, sizes)], batch_first=True)  # noqa: E731
+    return pad(logp), pad(entropy)  # [B, L]
+
+
+def grpo_batch_loss(policy: VLAPolicy, trajs: list[Trajectory], advantages: np.ndarray, temperature: float,
+                    cfg: LearnerConfig, old_logprobs=None) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss of these trajectories (normalised by their number) and its statistics;
+    old log-probs are the rollout's unless given (recomputed)."""
+    logp, entropy = trajectory_logprobs(policy, trajs, temperature)  # [M, L]
+    dims = trajs[0].tokens.shape[-1]
+    old_src = old_logprobs if old_logprobs is not None else [t.logprobs for t in trajs]
+    old = pad_sequence([torch.tensor(np.asarray(o, dtype=np.float32)).reshape(-1) for o in old_src], batch_first=True)
+    mask = token_mask(pad_sequence([torch.tensor(t.executed) for t in trajs], batch_first=True), dims)  # [M, L]
+    adv = torch.as_tensor(advantages, dtype=torch.float32)
+    old, mask, adv = old.to(logp.device), mask.to(logp.device), adv.to(logp.device)
+    loss, stats = grpo_loss(logp, old, adv, mask, cfg.clip_low, cfg.clip_high, normalizer=len(trajs))
+    stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+    return loss, stats
+
+
 class LearnerEngine:
     def __init__(self, policy: VLAPolicy, cfg: LearnerConfig, lr: float, micro_batch: int, grad_accum: int):
         import deepspeed
@@ -64,20 +93,9 @@ class LearnerEngine:
         self.policy.model = self.engine.module
 
     # --- GRPO -------------------------------------------------------------------------------
-    def _trajectory_logprobs(self, trajs: list[Trajectory], temperature: float):
-        """Forward every chunk of every trajectory at once -> per-trajectory padded tensors."""
-        images = np.concatenate([t.images for t in trajs])  # [sum T, H, W, 3]
-        instructions = [t.instruction for t in trajs for _ in range(t.num_chunks)]
-        tokens = torch.from_numpy(np.concatenate([t.tokens.reshape(t.num_chunks, -1) for t in trajs]))  # [sum T, A]
-        proprio = np.concatenate([t.proprio for t in trajs]) if self.policy.uses_proprio else None
-        logp, entropy = self.policy.token_log_probs(images, instructions, tokens, temperature, proprio)  # [sum T, A]
-        sizes = [t.num_chunks for t in trajs]
-        pad = lambda x: pad_sequence([c.reshape(-1) for c in torch.split(x, sizes)], batch_first=True)  # noqa: E731
-        return pad(logp), pad(entropy)  # [B, L]
-
     @torch.no_grad()
     def recompute_logprobs(self, trajs: list[Trajectory], temperature: float) -> list[np.ndarray]:
-        logp, _ = self._trajectory_logprobs(trajs, temperature)
+        logp, _ = trajectory_logprobs(self.policy, trajs, temperature)
         return [logp[i, : t.tokens.size].reshape(t.tokens.shape).float().numpy() for i, t in enumerate(trajs)]
 
     def grpo_minibatch(self, trajs: list[Trajectory], advantages: np.ndarray, temperature: float, old_logprobs=None) -> StepStats:
@@ -85,18 +103,12 @@ class LearnerEngine:
         totals: dict[str, float] = {}
         n_micro = 0
         for start in range(0, len(trajs), self.micro_batch):
-            micro = trajs[start : start + self.micro_batch]
-            logp, entropy = self._trajectory_logprobs(micro, temperature)  # [M, L]
-            dims = micro[0].tokens.shape[-1]
-            old_src = old_logprobs[start : start + self.micro_batch] if old_logprobs is not None else [t.logprobs for t in micro]
-            old = pad_sequence([torch.tensor(np.asarray(o, dtype=np.float32)).reshape(-1) for o in old_src], batch_first=True)
-            mask = token_mask(pad_sequence([torch.tensor(t.executed) for t in micro], batch_first=True), dims)  # [M, L]
-            adv = torch.as_tensor(advantages[start : start + self.micro_batch], dtype=torch.float32)
-            loss, stats = grpo_loss(logp, old, adv, mask, self.cfg.clip_low, self.cfg.clip_high, normalizer=len(micro))
+            sl = slice(start, start + self.micro_batch)
+            loss, stats = grpo_batch_loss(self.policy, trajs[sl], advantages[sl], temperature, self.cfg,
+                                          None if old_logprobs is None else old_logprobs[sl])
             self.engine.backward(loss)
             self.engine.step()
             stats["loss"] = float(loss.detach())
-            stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_micro += 1

@@ -1,7 +1,7 @@
 """In-process copy of the demo's SFT -> eval -> GRPO -> eval loop, for fast A/B tuning.
 
-Same policy, env, tokenizer, SFT samples, group advantages, dynamic-sampling bounds and GRPO loss
-as the Ray pipeline, but in one process with plain torch (no Ray, no DeepSpeed, no Serve), so
+Same policy, env, tokenizer, SFT samples, Trajectory records, group advantages, dynamic-sampling
+bounds and GRPO batch loss (learner.engine.grpo_batch_loss) as the Ray pipeline, but in one process with plain torch (no Ray, no DeepSpeed, no Serve), so
 eight variants fit side by side on a 16-core machine (a GPU, when present, runs the model). It
 is a tuning tool, not the product: numbers from it are labelled "in-process" in docs/demo.md, and
 `make demo` is what the project measures.
@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 
 from common.config_loading import load_config  # noqa: E402
+from common.records import Trajectory  # noqa: E402
 from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
 from env_workers.factory import env_scaled_action_dims, make_env  # noqa: E402
-from learner.grpo import group_advantages, grpo_loss, keep_group, sft_loss, token_mask  # noqa: E402
+from learner.engine import grpo_batch_loss  # noqa: E402
+from learner.grpo import group_advantages, keep_group, sft_loss  # noqa: E402
 from learner.sft_data import build_sft_samples, random_shift  # noqa: E402
 from policy.action_tokenizer import postprocess_gripper  # noqa: E402
 from policy.checkpoint import build_policy  # noqa: E402
@@ -96,17 +97,18 @@ class Loop:
             if (step + 1) % 250 == 0:
                 self.log(f"sft {step + 1} loss {loss.item():.3f}")
 
-    def rollout(self, requests: list[tuple[str, int]], greedy: bool, temperature: float) -> list[dict]:
-        """Episodes for (task, init state) requests; like the env workers, an env takes the next
-        request as soon as its episode ends and finished envs get no inference."""
+    def rollout(self, requests: list[tuple[str, int]], greedy: bool, temperature: float) -> list[Trajectory]:
+        """Episodes for (task, init state) requests as the pipeline's Trajectory records; like the
+        env workers, an env takes the next request as soon as its episode ends and finished envs
+        get no inference."""
         pending, results = list(enumerate(requests)), [None] * len(requests)
         slots: list[dict | None] = [None] * len(self.envs)
         while pending or any(slots):
             for i, env in enumerate(self.envs):
                 if slots[i] is None and pending:
                     k, (task, state) = pending.pop(0)
-                    slots[i] = dict(k=k, task=task, obs=env.reset(task, state), images=[], proprio=[], tokens=[],
-                                    logp=[], executed=[])
+                    slots[i] = dict(k=k, task=task, state=state, obs=env.reset(task, state), chunks=[], images=[],
+                                    proprio=[], executed=[], steps=0)
             active = [i for i, s in enumerate(slots) if s is not None]
             chunks = self.policy.act([slots[i]["obs"] for i in active], temperature=temperature, greedy=greedy,
                                      generator=self.gen)
@@ -115,43 +117,39 @@ class Loop:
                 res = self.envs[i].step_chunk(postprocess_gripper(chunk.actions))
                 ran = np.zeros(chunk.tokens.shape[0], bool)
                 ran[: res.steps] = True
-                for key, value in (("images", s["obs"].image), ("proprio", s["obs"].proprio), ("tokens", chunk.tokens),
-                                   ("logp", chunk.logprobs), ("executed", ran)):
-                    s[key].append(value)
-                s["instruction"], s["obs"] = s["obs"].instruction, res.observation
+                s["chunks"].append(chunk)
+                s["images"].append(s["obs"].image)
+                s["proprio"].append(s["obs"].proprio)
+                s["executed"].append(ran)
+                s["steps"] += res.steps
+                instruction, s["obs"] = s["obs"].instruction, res.observation
                 if res.done:
-                    s["success"] = bool(res.success)
-                    results[s["k"]], slots[i] = s, None
+                    results[s["k"]] = Trajectory(
+                        task=s["task"], init_state=s["state"], instruction=instruction, images=np.stack(s["images"]),
+                        tokens=np.stack([c.tokens for c in s["chunks"]]), logprobs=np.stack([c.logprobs for c in s["chunks"]]),
+                        executed=np.stack(s["executed"]), success=bool(res.success), env_steps=s["steps"],
+                        policy_version=0,
+                        proprio=None if s["proprio"][0] is None else np.stack(s["proprio"]).astype(np.float32))
+                    slots[i] = None
         return results
 
     def evaluate(self) -> tuple[float, dict]:
         reqs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, "eval")[: self.cfg.eval.episodes_per_task]]
         res = self.rollout(reqs, greedy=True, temperature=1.0)
-        per_task = {t: float(np.mean([r["success"] for r in res if r["task"] == t])) for t in self.tasks}
-        return float(np.mean([r["success"] for r in res])), per_task
+        per_task = {t: float(np.mean([r.success for r in res if r.task == t])) for t in self.tasks}
+        return float(np.mean([r.success for r in res])), per_task
 
-    def grpo_update(self, opt, batch: list[list[dict]]) -> None:
-        cfg, T = self.cfg, self.cfg.rollout.temperature
+    def grpo_update(self, opt, batch: list[list[Trajectory]]) -> None:
+        cfg = self.cfg
         trajs = [r for group in batch for r in group]
-        rewards = torch.tensor([float(r["success"]) for r in trajs])
+        rewards = torch.tensor([float(r.success) for r in trajs])
         group_ids = torch.tensor([g for g, group in enumerate(batch) for _ in group])
         advantages = group_advantages(rewards, group_ids).numpy()
         order = self.rng.permutation(len(trajs))
-        for start in range(0, len(trajs), cfg.learner.mini_batch_size):
+        for start in range(0, len(trajs), cfg.learner.mini_batch_size):  # one optimiser step per mini-batch
             sel = order[start : start + cfg.learner.mini_batch_size]
-            mb = [trajs[i] for i in sel]
-            sizes = [len(t["images"]) for t in mb]
-            tokens = torch.from_numpy(np.concatenate([np.stack(t["tokens"]).reshape(n, -1) for t, n in zip(mb, sizes)]))
-            proprio = np.concatenate([np.stack(t["proprio"]) for t in mb]) if self.policy.uses_proprio else None
-            logp, _ = self.policy.token_log_probs(np.concatenate([np.stack(t["images"]) for t in mb]),
-                                                  [t["instruction"] for t in mb for _ in t["images"]], tokens, T, proprio)
-            logp = pad_sequence([c.reshape(-1) for c in torch.split(logp, sizes)], batch_first=True)
-            old = pad_sequence([torch.tensor(np.stack(t["logp"]), dtype=torch.float32).reshape(-1) for t in mb],
-                               batch_first=True).to(self.dev)
-            mask = token_mask(pad_sequence([torch.tensor(np.stack(t["executed"])) for t in mb], batch_first=True),
-                              cfg.policy.action_dims).to(self.dev)
-            loss, _ = grpo_loss(logp, old, torch.tensor(advantages[sel], device=self.dev), mask,
-                                cfg.learner.clip_low, cfg.learner.clip_high)
+            loss, _ = grpo_batch_loss(self.policy, [trajs[i] for i in sel], advantages[sel], cfg.rollout.temperature,
+                                      cfg.learner)
             self._step(opt, loss)
 
     def grpo(self, seconds: float) -> list[float]:
@@ -173,7 +171,7 @@ class Loop:
                 res = self.rollout(reqs, greedy=False, temperature=cfg.rollout.temperature)
                 for g in range(G):
                     group = res[g * n : (g + 1) * n]
-                    rate = float(np.mean([r["success"] for r in group]))
+                    rate = float(np.mean([r.success for r in group]))
                     successes.append(rate)
                     if keep_group(rate, cfg.rollout.min_group_success, cfg.rollout.max_group_success):
                         batch.append(group)
