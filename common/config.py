@@ -162,6 +162,10 @@ class SFTConfig(Section):
     shift_augment_px: int = Field(
         0, ge=0, description="random image shift of up to this many pixels per SFT sample (DrQ-style); 0 = off"
     )
+    shift_moves_labels: bool = Field(
+        True, description="read a shifted image as the scene translated on the table: under absolute position "
+        "control the position targets and the gripper proprio move with it (delta actions stay as they are)"
+    )
     dataset: Path | None = Field(None, description="folder of robomimic/LIBERO HDF5 files; None = record experts")
 
 

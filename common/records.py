@@ -77,3 +77,17 @@ class WeightVersion:
     version: int
     learner_step: int
     state_ref: object = None  # ObjectRef of a {name: tensor} dict in the object store (object-store backend)
+
+
+@dataclass(frozen=True)
+class SceneShift:
+    """How an SFT label moves when an image shift is read as the whole scene translating on the
+    table: under absolute position control the servo targets and the gripper's position move with
+    the scene (a delta action does not, so such envs give none). The env knows its camera and its
+    action and proprio layouts; the learner only applies this."""
+
+    metres_per_col: float  # world x per image column of content shift, at the env's image size
+    metres_per_row: float  # world y per image row (negative: rows grow towards the camera)
+    action_dims: tuple[int, int]  # action dims holding the world x and y target
+    action_per_metre: tuple[float, float]  # action units per metre in those dims
+    proprio_dims: tuple[int, int]  # proprio dims holding the gripper's world x and y, in metres

@@ -12,7 +12,7 @@ import numpy as np
 
 from common.config import RunConfig
 from learner.group import LearnerGroup
-from learner.sft_data import build_sft_samples, random_shift
+from learner.sft_data import build_sft_samples, sft_batch
 
 
 def demo_folder(cfg: RunConfig) -> Path:
@@ -53,7 +53,7 @@ def select_demos(demos: list, per_task: int) -> list:
 
 def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
     from env_workers.demos import dataset_statistics, read_demos
-    from env_workers.factory import env_scaled_action_dims
+    from env_workers.factory import env_scaled_action_dims, env_scene_shift
     from policy.checkpoint import build_policy, load_policy, save_policy
 
     demos = select_demos(read_demos(demo_folder(cfg)), cfg.sft.demos_per_task)
@@ -70,7 +70,10 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
         policy = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, unnorm_key=cfg.policy.unnorm_key, policy=cfg.policy)
     else:
         policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": key}), norm_stats, seed=cfg.seed)
-    images, instructions, tokens, proprio = build_sft_samples(demos, policy.stats, policy.action_tokenizer, cfg.policy.action_chunk)
+    images, instructions, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
+    if not policy.uses_proprio:
+        proprio = None
+    scene = env_scene_shift(cfg.env) if cfg.sft.shift_moves_labels else None
     init_folder = save_policy(policy, Path(cfg.run_dir) / "sft_init")
     log(f"SFT: {len(demos)} demos ({cfg.sft.demos_per_task}/task), {len(images)} samples, {cfg.sft.steps} steps")
 
@@ -81,9 +84,9 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
         losses, start = [], time.monotonic()
         for step in range(cfg.sft.steps):
             idx = rng.choice(len(images), size=cfg.sft.batch_size, replace=len(images) < cfg.sft.batch_size)
-            batch_images = random_shift(images[idx], cfg.sft.shift_augment_px, rng)
-            stats = learner.sft_step(batch_images, [instructions[i] for i in idx], tokens[idx],
-                                     None if proprio is None or not policy.uses_proprio else proprio[idx])
+            batch_images, tokens, batch_proprio = sft_batch(images, chunks, proprio, idx, cfg.sft.shift_augment_px, scene,
+                                                            policy.stats, policy.action_tokenizer, rng)
+            stats = learner.sft_step(batch_images, [instructions[i] for i in idx], tokens, batch_proprio)
             losses.append(stats["loss"])
             if (step + 1) % max(1, cfg.sft.steps // 10) == 0:
                 log(f"  sft step {step + 1:5d}/{cfg.sft.steps}  loss {np.mean(losses[-20:]):.4f}  ({time.monotonic() - start:.0f}s)")

@@ -6,6 +6,7 @@ Backends import lazily, so a worker only needs the simulator it runs.
 from __future__ import annotations
 
 from common.config import EnvConfig
+from common.records import SceneShift
 from env_workers.api import EpisodeEnv
 
 
@@ -44,3 +45,16 @@ def env_scaled_action_dims(env_cfg: EnvConfig) -> tuple[int, ...]:
     """Action dims the env already gives in [-1, 1] over their whole range, which dataset
     statistics must not rescale: the tabletop's absolute position targets (x, y, z)."""
     return (0, 1, 2) if env_cfg.control == "absolute" else ()
+
+
+def env_scene_shift(env_cfg: EnvConfig) -> SceneShift | None:
+    """How SFT labels follow a shifted image (`SceneShift`), or None where they stay as they are
+    (delta actions are the same in a translated scene)."""
+    if env_cfg.backend != "tabletop" or env_cfg.control != "absolute":
+        return None
+    from env_workers.tabletop.scene import EE_HIGH, EE_LOW, table_pixel_scale
+
+    per_col, per_row = table_pixel_scale(env_cfg.image_size)
+    span = EE_HIGH - EE_LOW  # absolute targets are this box scaled to [-1, 1]
+    return SceneShift(metres_per_col=per_col, metres_per_row=per_row, action_dims=(0, 1),
+                      action_per_metre=(2.0 / span[0], 2.0 / span[1]), proprio_dims=(0, 1))

@@ -27,10 +27,10 @@ import torch  # noqa: E402
 from common.config_loading import load_config  # noqa: E402
 from common.records import Trajectory  # noqa: E402
 from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
-from env_workers.factory import env_scaled_action_dims, make_env  # noqa: E402
+from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_env  # noqa: E402
 from learner.engine import grpo_batch_loss  # noqa: E402
 from learner.grpo import group_advantages, keep_group, sft_loss  # noqa: E402
-from learner.sft_data import build_sft_samples, random_shift  # noqa: E402
+from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
 from policy.action_tokenizer import postprocess_gripper  # noqa: E402
 from policy.checkpoint import build_policy  # noqa: E402
 
@@ -84,14 +84,16 @@ class Loop:
         norm = {cfg.env.suite: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
         self.policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": cfg.env.suite}), norm, seed=cfg.seed)
         self.policy.model.to(self.dev)
-        images, instr, tokens, proprio = build_sft_samples(demos, self.policy.stats, self.policy.action_tokenizer,
-                                                           cfg.policy.action_chunk)
+        images, instr, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
+        proprio = proprio if self.policy.uses_proprio else None
+        scene = env_scene_shift(cfg.env) if cfg.sft.shift_moves_labels else None
         opt = self._optimizer(cfg.sft.lr)
         for step in range(cfg.sft.steps):
             idx = self.rng.choice(len(images), size=cfg.sft.batch_size)
-            logits = self.policy.action_logits(random_shift(images[idx], cfg.sft.shift_augment_px, self.rng),
-                                               [instr[i] for i in idx], proprio[idx] if self.policy.uses_proprio else None)
-            target = torch.tensor(tokens[idx], device=self.dev) - self.policy.action_tokenizer.first_id
+            batch_images, tokens, batch_proprio = sft_batch(images, chunks, proprio, idx, cfg.sft.shift_augment_px, scene,
+                                                            self.policy.stats, self.policy.action_tokenizer, self.rng)
+            logits = self.policy.action_logits(batch_images, [instr[i] for i in idx], batch_proprio)
+            target = torch.tensor(tokens, device=self.dev) - self.policy.action_tokenizer.first_id
             loss = sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
             self._step(opt, loss)
             if (step + 1) % 250 == 0:
@@ -146,11 +148,12 @@ class Loop:
         group_ids = torch.tensor([g for g, group in enumerate(batch) for _ in group])
         advantages = group_advantages(rewards, group_ids).numpy()
         order = self.rng.permutation(len(trajs))
-        for start in range(0, len(trajs), cfg.learner.mini_batch_size):  # one optimiser step per mini-batch
-            sel = order[start : start + cfg.learner.mini_batch_size]
-            loss, _ = grpo_batch_loss(self.policy, [trajs[i] for i in sel], advantages[sel], cfg.rollout.temperature,
-                                      cfg.learner)
-            self._step(opt, loss)
+        for _ in range(cfg.learner.epochs):  # as LearnerGroup.grpo_step: the same order every epoch
+            for start in range(0, len(trajs), cfg.learner.mini_batch_size):  # one optimiser step per mini-batch
+                sel = order[start : start + cfg.learner.mini_batch_size]
+                loss, _ = grpo_batch_loss(self.policy, [trajs[i] for i in sel], advantages[sel], cfg.rollout.temperature,
+                                          cfg.learner)
+                self._step(opt, loss)
 
     def grpo(self, seconds: float) -> list[float]:
         """GRPO iterations until `seconds` pass; returns the rollout success of each iteration."""

@@ -50,6 +50,27 @@ SHADOW = 256
 CAM_POS, CAM_TARGET, CAM_FOVY = (0.0, -0.36, 0.84), (0.0, 0.05, 0.0), 30  # fits the workspace, ~63 deg down
 
 
+def table_pixel_scale(image_size: int) -> tuple[float, float]:
+    """(world x per image column, world y per image row) in metres on the blocks' centre plane at
+    the workspace's centre, from the pinhole model MuJoCo renders with (rows grow downwards, so y
+    per row is negative). Perspective changes it by up to ~10 % where the scenes put objects."""
+    pos, aim = np.asarray(CAM_POS, float), np.array([0.0, 0.0, BLOCK_HALF])
+    fwd = (np.asarray(CAM_TARGET, float) - pos) / np.linalg.norm(np.subtract(CAM_TARGET, pos))
+    right = np.cross(fwd, [0.0, 0.0, 1.0])
+    right /= np.linalg.norm(right)
+    up = np.cross(right, fwd)
+    focal = (image_size / 2) / math.tan(math.radians(CAM_FOVY) / 2)
+
+    def pixel(p: np.ndarray) -> np.ndarray:  # (col, row)
+        d = p - pos
+        return np.array([focal * (d @ right), -focal * (d @ up)]) / (d @ fwd)
+
+    eps = 1e-4
+    cols_per_m = (pixel(aim + [eps, 0, 0]) - pixel(aim))[0] / eps
+    rows_per_m = (pixel(aim + [0, eps, 0]) - pixel(aim))[1] / eps
+    return 1.0 / cols_per_m, 1.0 / rows_per_m
+
+
 def _f(v) -> str:
     return " ".join(f"{x:.6g}" for x in np.atleast_1d(v))
 
