@@ -1,0 +1,71 @@
+"""Where a policy closes its gripper, per train init state: greedy, and the spread over a group of
+sampled rollouts (the diagnosis behind docs/demo.md "Shifts that move the labels").
+
+usage: python scripts/grasp_spread.py CONFIG POLICY_FOLDER [--states N] [--samples N] [TASK ...] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.config_loading import load_config  # noqa: E402
+from env_workers.factory import make_env  # noqa: E402
+from policy.action_tokenizer import postprocess_gripper  # noqa: E402
+from policy.checkpoint import load_policy  # noqa: E402
+
+
+def close_point(env, policy, task: str, state: int, greedy: bool, temperature: float, gen) -> tuple[np.ndarray | None, bool]:
+    """(gripper position when it first closes, or None; success) of one episode, stepping one action at a time."""
+    obs = env.reset(task, state)
+    closed_at = None
+    while True:
+        chunk = policy.act([obs], temperature=temperature, greedy=greedy, generator=gen)[0]
+        for action in postprocess_gripper(chunk.actions):
+            result = env.step(action)
+            if closed_at is None and action[6] > 0:
+                closed_at = env.sim.ee_pos.copy()
+            if result.done:
+                return closed_at, result.success
+        obs = result.observation
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if len(args) < 2:
+        sys.exit(__doc__)
+    config, folder, rest = args[0], args[1], args[2:]
+    opts, tasks, overrides = {"--states": 4, "--samples": 8}, [], []
+    it = iter(rest)
+    for a in it:
+        if a in opts:
+            opts[a] = int(next(it))
+        elif "=" in a:
+            overrides.append(a)
+        else:
+            tasks.append(a)
+    cfg = load_config(config, overrides)
+    policy = load_policy(folder, unnorm_key=cfg.env.suite, policy=cfg.policy)
+    env = make_env(cfg.env)
+    gen = torch.Generator()
+    gen.manual_seed(cfg.seed)
+    for task in tasks or ["green_in_bowl", "stack_red_on_green", "push_red_to_yellow"]:
+        for state in env.init_states(task, "train")[: opts["--states"]]:
+            greedy, greedy_ok = close_point(env, policy, task, state, True, 1.0, gen)
+            runs = [close_point(env, policy, task, state, False, cfg.rollout.temperature, gen) for _ in range(opts["--samples"])]
+            points = np.array([p for p, _ in runs if p is not None])
+            spread = np.round(points.std(0) * 1000, 1) if len(points) else None
+            print(f"{task} state {state}: greedy closes at {None if greedy is None else np.round(greedy, 3)} "
+                  f"(success {greedy_ok}); T={cfg.rollout.temperature}: {sum(ok for _, ok in runs)}/{len(runs)} succeed, "
+                  f"close-point std x/y/z {spread} mm", flush=True)
+
+
+if __name__ == "__main__":
+    main()
