@@ -55,10 +55,7 @@ def table_pixel_scale(image_size: int) -> tuple[float, float]:
     the workspace's centre, from the pinhole model MuJoCo renders with (rows grow downwards, so y
     per row is negative). Perspective changes it by up to ~10 % where the scenes put objects."""
     pos, aim = np.asarray(CAM_POS, float), np.array([0.0, 0.0, BLOCK_HALF])
-    fwd = (np.asarray(CAM_TARGET, float) - pos) / np.linalg.norm(np.subtract(CAM_TARGET, pos))
-    right = np.cross(fwd, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)
-    up = np.cross(right, fwd)
+    fwd, right, up = _camera_frame(CAM_POS, CAM_TARGET)
     focal = (image_size / 2) / math.tan(math.radians(CAM_FOVY) / 2)
 
     def pixel(p: np.ndarray) -> np.ndarray:  # (col, row)
@@ -75,14 +72,20 @@ def _f(v) -> str:
     return " ".join(f"{x:.6g}" for x in np.atleast_1d(v))
 
 
-def _camera_axes(pos, target) -> str:
-    """xyaxes for a camera at `pos` looking at `target` with the world z axis up in the image."""
+def _camera_frame(pos, target) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(forward, image right, image up) unit vectors of a camera at `pos` looking at `target`
+    with the world z axis up in the image."""
     fwd = np.asarray(target, float) - np.asarray(pos, float)
     fwd /= np.linalg.norm(fwd)
-    x = np.cross(fwd, [0.0, 0.0, 1.0])
-    x /= np.linalg.norm(x)
-    y = np.cross(x, fwd)
-    return _f(np.concatenate([x, y]))
+    right = np.cross(fwd, [0.0, 0.0, 1.0])
+    right /= np.linalg.norm(right)
+    return fwd, right, np.cross(right, fwd)
+
+
+def _camera_axes(pos, target) -> str:
+    """MJCF xyaxes (image right, image up) for a camera at `pos` looking at `target`."""
+    _, right, up = _camera_frame(pos, target)
+    return _f(np.concatenate([right, up]))
 
 
 def _bowl_xml() -> str:
