@@ -46,7 +46,7 @@ class LearnerWorker:
         lc = self.cfg.learner
         if mode == "sft":
             per_rank = self.cfg.sft.batch_size // self.world_size
-            micro = min(lc.micro_batch_size, per_rank)
+            micro = min(self.cfg.sft.micro_batch_size or lc.micro_batch_size, per_rank)
             self.engine = LearnerEngine(self.policy, lc, self.cfg.sft.lr, micro, max(1, per_rank // micro))
         else:
             per_rank = lc.mini_batch_size // self.world_size

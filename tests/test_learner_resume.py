@@ -83,3 +83,32 @@ def test_surplus_trajectories_round_trip_without_pickle(tmp_path):
         assert (a.task, a.init_state, a.success, a.env_steps) == (b.task, b.init_state, b.success, b.env_steps)
         for k in ("images", "tokens", "logprobs", "executed"):
             assert np.array_equal(getattr(a, k), getattr(b, k))
+
+
+def test_sft_in_one_pass_takes_the_same_step_as_micro_batched(ray_cluster, tiny_policy_dir, tmp_path):
+    """sft.micro_batch_size (a whole batch per forward/backward, faster on CPU) only changes how
+    the gradient is summed: losses and weights match the learner's micro-batch split."""
+    from learner.group import LearnerGroup
+
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8), rng.integers(31744, 32000, (8, 8 * 7)))
+               for _ in range(3)]
+    instructions = ["put the red block in the bowl"] * 8
+    results = []
+    for micro in ([], ["sft.micro_batch_size=4"]):  # 2 ranks: 4 samples each, in 2 passes or 1
+        cfg = load_config(ROOT / "configs/tiny.yaml", [f"run_dir={tmp_path}", "sft.batch_size=8", "learner.micro_batch_size=2",
+                                                       "sft.lr=0.001", *micro])
+        group = LearnerGroup(cfg)
+        try:
+            group.setup(tiny_policy_dir, "sft", seed=0)
+            losses = [group.sft_step(images, instructions, tokens)["loss"] for images, tokens in batches]
+            weights = ray.get(group.publish_weights())
+        finally:
+            group.shutdown()
+        results.append((losses, weights))
+    (split_losses, split_weights), (whole_losses, whole_weights) = results
+    assert len(set(split_losses)) == 3, "losses should change from step to step"
+    assert whole_losses[0] == pytest.approx(split_losses[0], rel=1e-6)  # same weights before the first step
+    assert whole_losses == pytest.approx(split_losses, rel=1e-4)
+    for name, w in split_weights.items():
+        np.testing.assert_allclose(whole_weights[name].numpy(), w.numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
