@@ -161,7 +161,7 @@ class SFTConfig(Section):
     batch_size: int = Field(16, gt=0)
     micro_batch_size: int | None = Field(
         None, gt=0, description="SFT samples per forward/backward per rank; None = learner.micro_batch_size "
-        "(the same split as GRPO). A whole batch in one pass is faster on CPU; the gradient is the same"
+        "(the same split as GRPO); at least the per-rank batch = one pass, faster on CPU, same gradient"
     )
     shift_augment_px: int = Field(
         0, ge=0, description="random image shift of up to this many pixels per SFT sample (DrQ-style); 0 = off"
@@ -239,10 +239,10 @@ class RunConfig(Section):
                 f"learner.mini_batch_size {self.learner.mini_batch_size} must be a multiple of "
                 f"micro_batch_size x cluster.learner_world_size = {per_rank}"
             )
-        sft_micro = self.sft.micro_batch_size
-        if sft_micro is not None and self.sft.batch_size % (sft_micro * self.cluster.learner_world_size):
+        sft_micro, sft_per_rank = self.sft.micro_batch_size, self.sft.batch_size // self.cluster.learner_world_size
+        if sft_micro is not None and sft_micro < sft_per_rank and sft_per_rank % sft_micro:  # larger = the whole batch
             raise ValueError(
-                f"sft.batch_size {self.sft.batch_size} must be a multiple of "
-                f"sft.micro_batch_size x cluster.learner_world_size = {sft_micro * self.cluster.learner_world_size}"
+                f"sft.batch_size / cluster.learner_world_size = {sft_per_rank} samples per rank must be a multiple of "
+                f"sft.micro_batch_size {sft_micro}, or at most {sft_micro} (then one pass per step)"
             )
         return self

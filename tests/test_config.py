@@ -60,7 +60,7 @@ BAD_OVERRIDES = [
     (["policy.action_bins=128"], ["policy.action_bins", "256"]),
     (["rollout.min_group_success=0.95"], ["min_group_success", "max_group_success"]),
     (["learner.micro_batch_size=48"], ["mini_batch_size", "micro_batch_size"]),
-    (["sft.micro_batch_size=12"], ["sft.batch_size", "sft.micro_batch_size"]),
+    (["sft.batch_size=64", "sft.micro_batch_size=3"], ["sft.batch_size", "sft.micro_batch_size"]),
     (["learner.mini_batch_size=96"], ["groups_per_batch", "mini_batch_size"]),
     (["policy.image_size=100"], ["image_size", "patch_size"]),
     (["nonsense.field=1"], ["nonsense", "policy", "rollout"]),

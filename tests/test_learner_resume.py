@@ -1,5 +1,6 @@
 """The learner checkpoints weights, optimizer and RNG, and resumes exactly: killing it after a
-checkpoint and resuming gives the same next losses as an uninterrupted run (CPU, fixed seeds)."""
+checkpoint and resuming gives the same next losses as an uninterrupted run (CPU, fixed seeds).
+And its step does not depend on how a batch is split into micro-batches."""
 
 import numpy as np
 import pytest
