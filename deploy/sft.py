@@ -67,7 +67,10 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
     key = cfg.policy.unnorm_key or cfg.env.suite
     norm_stats = {key: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
     if cfg.policy.path is not None:
-        policy = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, unnorm_key=cfg.policy.unnorm_key, policy=cfg.policy)
+        # A base pretrained on other data has no statistics for these demos: under a named
+        # policy.unnorm_key it gets theirs (OpenVLA's convention for fine-tuning on a new dataset).
+        policy = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, unnorm_key=cfg.policy.unnorm_key, policy=cfg.policy,
+                             fill_norm_stats=norm_stats if cfg.policy.unnorm_key else None)
     else:
         policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": key}), norm_stats, seed=cfg.seed)
     images, instructions, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)

@@ -102,11 +102,13 @@ def save_policy(policy: VLAPolicy, folder: str | Path) -> Path:
 
 
 def load_policy(
-    folder: str | Path, unnorm_key: str | None = None, dtype: str = "float32", policy: PolicyConfig | None = None
+    folder: str | Path, unnorm_key: str | None = None, dtype: str = "float32", policy: PolicyConfig | None = None,
+    fill_norm_stats: dict | None = None,
 ) -> VLAPolicy:
     """Our own folder, or an official OpenVLA / OpenVLA-OFT one (docs/checkpoints.md). `policy` gives what
     official folders do not record (action_chunk, action_dims, attention) and `center_crop`, which
-    overrides the folder's when set."""
+    overrides the folder's when set. `fill_norm_stats` adds statistics for datasets the checkpoint has
+    none for (fine-tuning a base on a new dataset, as OpenVLA does); the checkpoint's own win."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a policy folder (no config.json); checkpoints load from local disk only")
@@ -115,6 +117,7 @@ def load_policy(
     policy = policy or PolicyConfig()
     if is_official_layout(config):
         model, processor, norm_stats = load_official(folder, config, policy, unnorm_key)
+        norm_stats = {**(fill_norm_stats or {}), **norm_stats}
         model.to(DTYPES[dtype])
         return VLAPolicy(model, _load_tokenizer(folder), processor, norm_stats, unnorm_key)
     if "vla_grpo_arch" not in config:
@@ -131,6 +134,7 @@ def load_policy(
     model.to(DTYPES[dtype])
     stats_file = folder / "dataset_statistics.json"
     norm_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else config.get("norm_stats", {})
+    norm_stats = {**(fill_norm_stats or {}), **norm_stats}
     tokenizer = _load_tokenizer(folder)
     processor = ImageProcessor.load(folder)
     if policy.center_crop is not None:

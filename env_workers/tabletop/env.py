@@ -24,7 +24,7 @@ from common.config import EnvConfig
 from common.records import ChunkResult, Observation, StepResult
 from env_workers.api import Split, split_init_states
 from env_workers.tabletop.scene import EE_HIGH, EE_LOW, Sim
-from env_workers.tabletop.tasks import SUITE, TASKS, Layout, TaskSpec, get_task
+from env_workers.tabletop.tasks import Layout, TaskSpec, get_task, suite_tasks
 
 POS_SCALE = 0.04  # metres per step at |action| = 1: a pick-and-place takes ~30 steps
 MAX_LEAD = 0.03  # the servo target never runs further than this ahead of the gripper (no wind-up)
@@ -38,9 +38,11 @@ class TabletopEnv:
     def __init__(self, cfg: EnvConfig):
         if cfg.backend != "tabletop":
             raise ValueError(f"TabletopEnv needs env.backend 'tabletop', got {cfg.backend!r}")
-        if cfg.suite != SUITE:
-            raise ValueError(f"the tabletop backend has one suite, {SUITE!r}; got env.suite {cfg.suite!r}")
-        names = list(cfg.tasks) if cfg.tasks else list(TASKS)
+        try:
+            suite = suite_tasks(cfg.suite)
+        except ValueError as e:
+            raise ValueError(f"env.suite: {e}") from None
+        names = list(cfg.tasks) if cfg.tasks else suite
         for n in [*names, *cfg.task_max_steps]:
             get_task(n)  # fail at construction on a typo, naming the known tasks
         self.cfg = cfg

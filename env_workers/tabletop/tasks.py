@@ -1,4 +1,10 @@
-"""Task specs of the "tabletop" suite: layouts, seeded initial states, goals and success predicates.
+"""Task specs of the tabletop suites: layouts, seeded initial states, goals and success predicates.
+
+"tabletop" is the benchmark suite (10 tasks, LIBERO-style: every initial state is a few cm off one
+nominal scene per layout). "tabletop_pretrain" is a disjoint pretraining suite, the analogue of the
+robot data a VLA base is trained on before one-demo SFT: 14 other goals (other colour and verb
+combinations, two block colours the benchmark never moves) in scenes drawn anew for every initial
+state, so a policy trained on it has to find blocks anywhere rather than memorise positions.
 
 Several tasks share a layout, and tasks of one layout share their initial states (the seed is the
 layout's, not the task's), so at a given init-state index the first image is identical and only the
@@ -16,6 +22,7 @@ import numpy as np
 from env_workers.tabletop.scene import BLOCK_HALF, BOWL_BASE, BOWL_INNER_R, BOWL_WALL, ZONE_HALF, Sim
 
 SUITE = "tabletop"
+PRETRAIN_SUITE = "tabletop_pretrain"
 
 # Where objects may start: inside the camera view with room for the gripper around them.
 X_RANGE, Y_RANGE = (-0.17, 0.17), (-0.12, 0.12)
@@ -37,11 +44,13 @@ class Layout:
     bowl: bool = False
     zones: tuple[str, ...] = ()
     push_paths: bool = False  # keep every block's straight path to the zone free of the others
+    spread: bool = False  # every seed draws a new scene over the whole workspace (no nominal scene)
 
     def sample(self, seed: int) -> dict[str, tuple[float, ...]]:
         """Placements {block: (x, y, yaw), fixture: (x, y)}, a pure function of (layout, seed):
-        the layout's nominal scene with every object moved by up to INIT_NOISE."""
-        nominal = self.nominal()
+        the layout's nominal scene with every object moved by up to INIT_NOISE (or, for a spread
+        layout, a uniform draw over the workspace)."""
+        nominal = None if self.spread else self.nominal()
         rng = np.random.default_rng([zlib.crc32(self.name.encode()), int(seed)])
         for _ in range(10_000):
             p = self._draw(rng, nominal)
@@ -183,8 +192,57 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+# Pretraining goals: none of them is a benchmark goal above; the bowl verb is taught only with
+# yellow and magenta blocks, the zone, push and stack verbs only with other pairs than above.
+P_BOWL = Layout("p_bowl", ("yellow", "magenta", "green"), bowl=True, spread=True)
+P_ZONES_A = Layout("p_zones_a", ("green", "red"), zones=("yellow", "magenta"), spread=True)
+P_ZONES_B = Layout("p_zones_b", ("blue", "green"), zones=("yellow", "magenta"), spread=True)
+P_PUSH_M = Layout("p_push_m", ("red", "green"), zones=("magenta",), push_paths=True, spread=True)
+P_PUSH_Y = Layout("p_push_y", ("blue", "red"), zones=("yellow",), push_paths=True, spread=True)
+P_STACK = Layout("p_stack", ("red", "green", "blue"), spread=True)
+
+
+def _place(block: str, zone: str, layout: Layout) -> TaskSpec:
+    return TaskSpec(f"{block}_on_{zone}", f"place the {block} block on the {zone} square", layout, (("on_zone", block, zone),))
+
+
+def _push(block: str, zone: str, layout: Layout) -> TaskSpec:
+    return TaskSpec(f"push_{block}_to_{zone}", f"push the {block} block onto the {zone} square", layout,
+                    (("push_to_zone", block, zone),))
+
+
+def _stack(top: str, bottom: str) -> TaskSpec:
+    return TaskSpec(f"stack_{top}_on_{bottom}", f"stack the {top} block on the {bottom} block", P_STACK,
+                    (("on_block", top, bottom),))
+
+
+PRETRAIN_TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("yellow_in_bowl", "put the yellow block in the bowl", P_BOWL, (("in_bowl", "yellow", None),)),
+        TaskSpec("magenta_in_bowl", "put the magenta block in the bowl", P_BOWL, (("in_bowl", "magenta", None),)),
+        TaskSpec("magenta_then_yellow_in_bowl", "put the magenta block in the bowl and then the yellow block in the bowl",
+                 P_BOWL, (("in_bowl", "magenta", None), ("in_bowl", "yellow", None))),
+        _place("red", "magenta", P_ZONES_A), _place("green", "yellow", P_ZONES_A),
+        _place("green", "magenta", P_ZONES_A), _place("blue", "yellow", P_ZONES_B),
+        _push("red", "magenta", P_PUSH_M), _push("green", "magenta", P_PUSH_M), _push("blue", "yellow", P_PUSH_Y),
+        _stack("blue", "red"), _stack("red", "blue"), _stack("green", "blue"), _stack("blue", "green"),
+    )
+}
+SUITES: dict[str, dict[str, TaskSpec]] = {SUITE: TASKS, PRETRAIN_SUITE: PRETRAIN_TASKS}
+assert not set(TASKS) & set(PRETRAIN_TASKS), "the pretraining suite must not hold a benchmark task"
+
+
 def get_task(name: str) -> TaskSpec:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise KeyError(f"unknown tabletop task {name!r}; known: {sorted(TASKS)}") from None
+    for tasks in SUITES.values():
+        if name in tasks:
+            return tasks[name]
+    known = sorted(t for tasks in SUITES.values() for t in tasks)
+    raise KeyError(f"unknown tabletop task {name!r}; known: {known}") from None
+
+
+def suite_tasks(suite: str) -> list[str]:
+    """Task names of a tabletop suite, in order; names the known suites on a typo."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown tabletop suite {suite!r}; known: {sorted(SUITES)}")
+    return list(SUITES[suite])

@@ -1,0 +1,110 @@
+"""Pretrain the tabletop base policy on the disjoint "tabletop_pretrain" suite (the analogue of a VLA's
+robot-data pretraining before one-demo SFT; docs/demo.md says why and what it changes).
+
+Scripted experts record DEMOS_PER_TASK successful episodes per pretraining task (one process per
+task), then plain-torch SFT with the pipeline's own samples, augmentation and loss (learner.sft_data,
+learner.grpo.sft_loss) trains the architecture of CONFIG's `policy` section. Plain torch rather than
+the DeepSpeed learner group because this is built once, on a GPU when there is one (8000 steps took
+~4 min on an H200; on 2 CPU cores it would take hours); the result is the folder `make demo` loads
+(policy.path), saved with only the pretraining suite's action statistics.
+
+usage: python scripts/pretrain_base.py [--out DIR] [--config YAML] [--demos-per-task N] [--steps N]
+                                       [--batch-size N] [--lr LR] [--dtype bfloat16|float32] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.config_loading import load_config  # noqa: E402
+from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
+from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_env  # noqa: E402
+from env_workers.tabletop.tasks import PRETRAIN_SUITE  # noqa: E402
+from learner.grpo import sft_loss  # noqa: E402
+from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
+from policy.checkpoint import DTYPES, build_policy, save_policy  # noqa: E402
+
+
+def parse(argv: list[str]):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="policy/pretrained/tabletop_base")
+    ap.add_argument("--config", default="configs/demo.yaml", help="its policy and env sections set the architecture and images")
+    ap.add_argument("--demos-per-task", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak; cosine decay to a tenth of it")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="of the saved weights")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    args = ap.parse_args(argv)
+    overrides = [f"env.suite={PRETRAIN_SUITE}", "env.max_steps=96", "env.task_max_steps={}",
+                 f"env.init_states.num_train={max(2 * args.demos_per_task, 50)}", *args.overrides]
+    return args, load_config(args.config, overrides)
+
+
+def _record(job) -> list:
+    env_cfg, task, n = job
+    torch.set_num_threads(1)
+    env = make_env(env_cfg)
+    try:
+        return record_demos(env, [task], n)
+    finally:
+        env.close()
+
+
+def pretrain(args, cfg, log=print) -> dict:
+    start = time.time()
+    tasks = cfg.env.tasks or make_env(cfg.env).task_names
+    with Pool(max(1, min(len(tasks), os.cpu_count() or 1))) as pool:
+        demos = [d for ds in pool.map(_record, [(cfg.env, t, args.demos_per_task) for t in tasks]) for d in ds]
+    log(f"{len(demos)} expert demos over {len(tasks)} tasks ({time.time() - start:.0f}s)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stats = {PRETRAIN_SUITE: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
+    policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": PRETRAIN_SUITE, "path": None}), stats, seed=cfg.seed)
+    policy.model.to(device)
+    images, instructions, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
+    proprio = proprio if policy.uses_proprio else None
+    scene = env_scene_shift(cfg.env) if cfg.sft.shift_moves_labels else None
+    rng = np.random.default_rng(cfg.seed)
+    params = list(policy.model.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps, eta_min=args.lr / 10)
+    losses, t0 = [], time.time()
+    for step in range(args.steps):
+        idx = rng.choice(len(images), size=args.batch_size)
+        batch_images, tokens, batch_proprio = sft_batch(images, chunks, proprio, idx, cfg.sft.shift_augment_px, scene,
+                                                        policy.stats, policy.action_tokenizer, rng)
+        logits = policy.action_logits(batch_images, [instructions[i] for i in idx], batch_proprio)
+        target = torch.tensor(tokens, device=device) - policy.action_tokenizer.first_id
+        loss = sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.learner.grad_clip)
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, args.steps // 16) == 0:
+            log(f"  step {step + 1}/{args.steps}  loss {np.mean(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
+    policy.model.to("cpu", DTYPES[args.dtype])
+    out = save_policy(policy, args.out)
+    summary = {"suite": PRETRAIN_SUITE, "tasks": tasks, "demos": len(demos), "samples": len(images),
+               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "final_loss": float(np.mean(losses[-50:])),
+               "seconds": time.time() - start, "device": str(device), "config": args.config, "dtype": args.dtype}
+    (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"saved {out} ({summary['seconds']:.0f}s)")
+    return summary
+
+
+if __name__ == "__main__":
+    pretrain(*parse(sys.argv[1:]))
