@@ -32,7 +32,7 @@ from learner.engine import grpo_batch_loss  # noqa: E402
 from learner.grpo import group_advantages, keep_group, sft_loss  # noqa: E402
 from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
 from policy.action_tokenizer import postprocess_gripper  # noqa: E402
-from policy.checkpoint import build_policy  # noqa: E402
+from policy.checkpoint import build_policy, load_policy  # noqa: E402
 
 
 def parse(argv: list[str]):
@@ -81,8 +81,12 @@ class Loop:
     def sft(self) -> None:
         cfg = self.cfg
         demos = record_demos(self.envs[0], self.tasks, cfg.sft.demos_per_task)
-        norm = {cfg.env.suite: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
-        self.policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": cfg.env.suite}), norm, seed=cfg.seed)
+        norm = {cfg.policy.unnorm_key or cfg.env.suite: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
+        if cfg.policy.path is not None:  # as deploy/sft.py: the base, plus the demos' statistics under a named key
+            self.policy = load_policy(cfg.policy.path, unnorm_key=cfg.policy.unnorm_key, policy=cfg.policy,
+                                      fill_norm_stats=norm if cfg.policy.unnorm_key else None)
+        else:
+            self.policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": cfg.env.suite}), norm, seed=cfg.seed)
         self.policy.model.to(self.dev)
         images, instr, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
         proprio = proprio if self.policy.uses_proprio else None

@@ -16,6 +16,7 @@ def test_tune_inprocess_runs_sft_grpo_and_writes_its_result(tmp_path):
         "env.tasks=[red_in_bowl,stack_red_on_green]",
         "rollout.groups_per_batch=2", "rollout.group_size=2", "rollout.max_rounds=1",
         "rollout.min_group_success=0", "learner.mini_batch_size=2", "learner.micro_batch_size=2",
+        f"policy.path={ROOT / 'policy/pretrained/tabletop_base'}",  # the demo's base; the run's cwd is tmp_path
     ]
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     proc = subprocess.run(
