@@ -81,12 +81,13 @@ class Loop:
     def sft(self) -> None:
         cfg = self.cfg
         demos = record_demos(self.envs[0], self.tasks, cfg.sft.demos_per_task)
-        norm = {cfg.policy.unnorm_key or cfg.env.suite: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
+        key = cfg.policy.unnorm_key or cfg.env.suite
+        norm = {key: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
         if cfg.policy.path is not None:  # as deploy/sft.py: the base, plus the demos' statistics under a named key
             self.policy = load_policy(cfg.policy.path, unnorm_key=cfg.policy.unnorm_key, policy=cfg.policy,
                                       fill_norm_stats=norm if cfg.policy.unnorm_key else None)
         else:
-            self.policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": cfg.env.suite}), norm, seed=cfg.seed)
+            self.policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": key}), norm, seed=cfg.seed)
         self.policy.model.to(self.dev)
         images, instr, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
         proprio = proprio if self.policy.uses_proprio else None

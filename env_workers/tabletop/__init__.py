@@ -1,4 +1,5 @@
-"""Built-in MuJoCo tabletop suite ("tabletop"): fast, offline, language-conditioned, with scripted experts.
+"""Built-in MuJoCo tabletop suites ("tabletop", the benchmark, and "tabletop_pretrain", a disjoint
+pretraining suite): fast, offline, language-conditioned, with scripted experts.
 
 scene.py builds the MJCF and wraps the sim, tasks.py holds the task specs and seeded initial
 states, env.py is the `EpisodeEnv`, experts.py the scripted experts.
