@@ -54,7 +54,7 @@ def select_demos(demos: list, per_task: int) -> list:
 def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
     from env_workers.demos import dataset_statistics, read_demos
     from env_workers.factory import env_scaled_action_dims, env_scene_shift
-    from policy.checkpoint import build_policy, load_policy, save_policy
+    from policy.checkpoint import initial_policy, save_policy
 
     demos = select_demos(read_demos(demo_folder(cfg)), cfg.sft.demos_per_task)
     if not demos:
@@ -66,13 +66,7 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
             d.actions = libero_to_openvla(d.actions)
     key = cfg.policy.unnorm_key or cfg.env.suite
     norm_stats = {key: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
-    if cfg.policy.path is not None:
-        # A base pretrained on other data has no statistics for these demos: under a named
-        # policy.unnorm_key it gets theirs (OpenVLA's convention for fine-tuning on a new dataset).
-        policy = load_policy(cfg.policy.path, dtype=cfg.policy.dtype, unnorm_key=cfg.policy.unnorm_key, policy=cfg.policy,
-                             fill_norm_stats=norm_stats if cfg.policy.unnorm_key else None)
-    else:
-        policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": key}), norm_stats, seed=cfg.seed)
+    policy = initial_policy(cfg.policy, norm_stats, seed=cfg.seed)
     images, instructions, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
     if not policy.uses_proprio:
         proprio = None

@@ -70,6 +70,14 @@ def grpo_batch_loss(policy: VLAPolicy, trajs: list[Trajectory], advantages: np.n
     return loss, stats
 
 
+def sft_batch_loss(policy: VLAPolicy, images: np.ndarray, instructions: list[str], tokens: np.ndarray,
+                   proprio=None) -> torch.Tensor:
+    """Cross-entropy on action tokens; images [N, H, W, 3], tokens [N, A] action ids."""
+    logits = policy.action_logits(images, instructions, proprio)
+    target = torch.as_tensor(tokens, device=logits.device) - policy.action_tokenizer.first_id  # [N, A]
+    return sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
+
+
 class LearnerEngine:
     def __init__(self, policy: VLAPolicy, cfg: LearnerConfig, lr: float, micro_batch: int, grad_accum: int):
         import deepspeed
@@ -121,9 +129,7 @@ class LearnerEngine:
         losses = []
         for start in range(0, len(images), self.micro_batch):
             sl = slice(start, start + self.micro_batch)
-            logits = self.policy.action_logits(images[sl], instructions[sl], None if proprio is None else proprio[sl])
-            target = torch.tensor(tokens[sl]) - self.policy.action_tokenizer.first_id  # [M, A]
-            loss = sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
+            loss = sft_batch_loss(self.policy, images[sl], instructions[sl], tokens[sl], None if proprio is None else proprio[sl])
             self.engine.backward(loss)
             self.engine.step()
             losses.append(float(loss.detach()))

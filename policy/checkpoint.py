@@ -69,6 +69,17 @@ def build_policy(cfg: PolicyConfig, norm_stats: dict | None = None, seed: int = 
     return VLAPolicy(model, llama_tokenizer(), processor, stats, cfg.unnorm_key)
 
 
+def initial_policy(cfg: PolicyConfig, norm_stats: dict, seed: int = 0) -> VLAPolicy:
+    """The policy SFT starts from, given the demos' statistics {key: stats}: `cfg.path`'s checkpoint,
+    which under a named `cfg.unnorm_key` gets them where it has none for that dataset (OpenVLA's
+    convention for fine-tuning a base on a new dataset), or a fresh one keyed like them."""
+    if cfg.path is not None:
+        return load_policy(cfg.path, dtype=cfg.dtype, unnorm_key=cfg.unnorm_key, policy=cfg,
+                           fill_norm_stats=norm_stats if cfg.unnorm_key else None)
+    (key,) = norm_stats
+    return build_policy(cfg.model_copy(update={"unnorm_key": key}), norm_stats, seed=seed)
+
+
 def save_policy(policy: VLAPolicy, folder: str | Path) -> Path:
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")

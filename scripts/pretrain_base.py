@@ -3,7 +3,7 @@ robot-data pretraining before one-demo SFT; docs/demo.md says why and what it ch
 
 Scripted experts record DEMOS_PER_TASK successful episodes per pretraining task (one process per
 task), then plain-torch SFT with the pipeline's own samples, augmentation and loss (learner.sft_data,
-learner.grpo.sft_loss) trains the architecture of CONFIG's `policy` section. Plain torch rather than
+learner.engine.sft_batch_loss) trains the architecture of CONFIG's `policy` section. Plain torch rather than
 the DeepSpeed learner group because this is built once, on a GPU when there is one (8000 steps took
 ~4 min on an H200; on 2 CPU cores it would take hours); the result is the folder `make demo` loads
 (policy.path), saved with only the pretraining suite's action statistics.
@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from common.config_loading import load_config  # noqa: E402
 from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
 from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_env  # noqa: E402
-from env_workers.tabletop.tasks import PRETRAIN_SUITE  # noqa: E402
-from learner.grpo import sft_loss  # noqa: E402
+from env_workers.tabletop.tasks import PRETRAIN_SUITE, suite_tasks  # noqa: E402
+from learner.engine import sft_batch_loss  # noqa: E402
 from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
 from policy.checkpoint import DTYPES, build_policy, save_policy  # noqa: E402
 
@@ -65,7 +65,7 @@ def _record(job) -> list:
 
 def pretrain(args, cfg, log=print) -> dict:
     start = time.time()
-    tasks = cfg.env.tasks or make_env(cfg.env).task_names
+    tasks = cfg.env.tasks or suite_tasks(cfg.env.suite)
     with Pool(max(1, min(len(tasks), os.cpu_count() or 1))) as pool:
         demos = [d for ds in pool.map(_record, [(cfg.env, t, args.demos_per_task) for t in tasks]) for d in ds]
     log(f"{len(demos)} expert demos over {len(tasks)} tasks ({time.time() - start:.0f}s)")
@@ -85,9 +85,7 @@ def pretrain(args, cfg, log=print) -> dict:
         idx = rng.choice(len(images), size=args.batch_size)
         batch_images, tokens, batch_proprio = sft_batch(images, chunks, proprio, idx, cfg.sft.shift_augment_px, scene,
                                                         policy.stats, policy.action_tokenizer, rng)
-        logits = policy.action_logits(batch_images, [instructions[i] for i in idx], batch_proprio)
-        target = torch.tensor(tokens, device=device) - policy.action_tokenizer.first_id
-        loss = sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
+        loss = sft_batch_loss(policy, batch_images, [instructions[i] for i in idx], tokens, batch_proprio)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.learner.grad_clip)

@@ -28,11 +28,11 @@ from common.config_loading import load_config  # noqa: E402
 from common.records import Trajectory  # noqa: E402
 from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
 from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_env  # noqa: E402
-from learner.engine import grpo_batch_loss  # noqa: E402
-from learner.grpo import group_advantages, keep_group, sft_loss  # noqa: E402
+from learner.engine import grpo_batch_loss, sft_batch_loss  # noqa: E402
+from learner.grpo import group_advantages, keep_group  # noqa: E402
 from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
 from policy.action_tokenizer import postprocess_gripper  # noqa: E402
-from policy.checkpoint import build_policy, load_policy  # noqa: E402
+from policy.checkpoint import initial_policy  # noqa: E402
 
 
 def parse(argv: list[str]):
@@ -81,13 +81,8 @@ class Loop:
     def sft(self) -> None:
         cfg = self.cfg
         demos = record_demos(self.envs[0], self.tasks, cfg.sft.demos_per_task)
-        key = cfg.policy.unnorm_key or cfg.env.suite
-        norm = {key: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
-        if cfg.policy.path is not None:  # as deploy/sft.py: the base, plus the demos' statistics under a named key
-            self.policy = load_policy(cfg.policy.path, unnorm_key=cfg.policy.unnorm_key, policy=cfg.policy,
-                                      fill_norm_stats=norm if cfg.policy.unnorm_key else None)
-        else:
-            self.policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": key}), norm, seed=cfg.seed)
+        norm = {cfg.policy.unnorm_key or cfg.env.suite: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
+        self.policy = initial_policy(cfg.policy, norm, seed=cfg.seed)  # as deploy/sft.py
         self.policy.model.to(self.dev)
         images, instr, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
         proprio = proprio if self.policy.uses_proprio else None
@@ -97,9 +92,7 @@ class Loop:
             idx = self.rng.choice(len(images), size=cfg.sft.batch_size)
             batch_images, tokens, batch_proprio = sft_batch(images, chunks, proprio, idx, cfg.sft.shift_augment_px, scene,
                                                             self.policy.stats, self.policy.action_tokenizer, self.rng)
-            logits = self.policy.action_logits(batch_images, [instr[i] for i in idx], batch_proprio)
-            target = torch.tensor(tokens, device=self.dev) - self.policy.action_tokenizer.first_id
-            loss = sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
+            loss = sft_batch_loss(self.policy, batch_images, [instr[i] for i in idx], tokens, batch_proprio)
             self._step(opt, loss)
             if (step + 1) % 250 == 0:
                 self.log(f"sft {step + 1} loss {loss.item():.3f}")
