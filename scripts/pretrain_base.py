@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -45,6 +46,8 @@ def parse(argv: list[str]):
     ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak; cosine decay to a tenth of it")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="wall budget for the whole run: fewer than --steps steps if those would not fit in 90 %% of it (speed measured over the first 100; the rest is for saving)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="of the saved weights")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = ap.parse_args(argv)
@@ -79,9 +82,11 @@ def pretrain(args, cfg, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed)
     params = list(policy.model.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps, eta_min=args.lr / 10)
-    losses, t0 = [], time.time()
-    for step in range(args.steps):
+    total = [args.steps]  # cosine from lr to lr/10 over the steps that will run
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total[0]) / total[0])))
+    losses, t0, step = [], time.time(), 0
+    while step < total[0]:
         idx = rng.choice(len(images), size=args.batch_size)
         batch_images, tokens, batch_proprio = sft_batch(images, chunks, proprio, idx, cfg.sft.shift_augment_px, scene,
                                                         policy.stats, policy.action_tokenizer, rng)
@@ -92,12 +97,17 @@ def pretrain(args, cfg, log=print) -> dict:
         opt.step()
         schedule.step()
         losses.append(loss.item())
-        if (step + 1) % max(1, args.steps // 16) == 0:
-            log(f"  step {step + 1}/{args.steps}  loss {np.mean(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
+        if args.seconds and step == 99:
+            per_step = (time.time() - t0) / 100
+            total[0] = max(100, min(args.steps, 100 + int((start + 0.9 * args.seconds - time.time()) / per_step)))
+            log(f"  {per_step * 1e3:.0f} ms per step: {total[0]} steps fit in --seconds {args.seconds:.0f}")
+        step += 1
+        if step % max(1, args.steps // 16) == 0:
+            log(f"  step {step}/{total[0]}  loss {np.mean(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
     policy.model.to("cpu", DTYPES[args.dtype])
     out = save_policy(policy, args.out)
     summary = {"suite": PRETRAIN_SUITE, "tasks": tasks, "demos": len(demos), "samples": len(images),
-               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "final_loss": float(np.mean(losses[-50:])),
+               "steps": total[0], "batch_size": args.batch_size, "lr": args.lr, "final_loss": float(np.mean(losses[-50:])),
                "seconds": time.time() - start, "device": str(device), "config": args.config, "dtype": args.dtype}
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
     log(f"saved {out} ({summary['seconds']:.0f}s)")

@@ -76,6 +76,15 @@ def test_pretrain_script_writes_a_base_with_only_the_pretraining_statistics(tmp_
     assert list(policy.norm_stats) == [PRETRAIN_SUITE] and policy.unnorm_key == PRETRAIN_SUITE
 
 
+
+def test_pretrain_seconds_budget_cuts_the_steps_to_fit(tmp_path):
+    out = tmp_path / "base"
+    cmd = [sys.executable, str(ROOT / "scripts/pretrain_base.py"), "--out", str(out), "--demos-per-task", "1",
+           "--steps", "100000", "--batch-size", "4", "--seconds", "12", "--config", str(ROOT / "configs/tiny.yaml")]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=600, capture_output=True)
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert 100 <= summary["steps"] < 100000 and summary["seconds"] < 40
+
 def test_shipped_base_loads_and_matches_the_demo_configs_architecture():
     from policy.checkpoint import arch_from_config, load_policy
 
