@@ -9,7 +9,8 @@ the DeepSpeed learner group because this is built once, on a GPU when there is o
 (policy.path), saved with only the pretraining suite's action statistics.
 
 usage: python scripts/pretrain_base.py [--out DIR] [--config YAML] [--demos-per-task N] [--steps N]
-                                       [--batch-size N] [--lr LR] [--dtype bfloat16|float32] [key=value ...]
+                                       [--batch-size N] [--lr LR] [--seconds S] [--init BASE]
+                                       [--dtype bfloat16|float32] [key=value ...]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_en
 from env_workers.tabletop.tasks import PRETRAIN_SUITE, suite_tasks  # noqa: E402
 from learner.engine import sft_batch_loss  # noqa: E402
 from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
-from policy.checkpoint import DTYPES, build_policy, save_policy  # noqa: E402
+from policy.checkpoint import DTYPES, build_policy, load_policy, save_policy  # noqa: E402
 
 
 def parse(argv: list[str]):
@@ -48,6 +49,8 @@ def parse(argv: list[str]):
     ap.add_argument("--lr", type=float, default=1e-3, help="peak; cosine decay to a tenth of it")
     ap.add_argument("--seconds", type=float, default=None,
                     help="wall budget for the whole run: fewer than --steps steps if those would not fit in 90 %% of it (speed measured over the first 100; the rest is for saving)")
+    ap.add_argument("--init", default=None,
+                    help="continue from this base folder (its weights and action statistics) instead of a fresh policy")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="of the saved weights")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = ap.parse_args(argv)
@@ -73,8 +76,13 @@ def pretrain(args, cfg, log=print) -> dict:
         demos = [d for ds in pool.map(_record, [(cfg.env, t, args.demos_per_task) for t in tasks]) for d in ds]
     log(f"{len(demos)} expert demos over {len(tasks)} tasks ({time.time() - start:.0f}s)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    stats = {PRETRAIN_SUITE: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
-    policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": PRETRAIN_SUITE, "path": None}), stats, seed=cfg.seed)
+    if args.init:  # its statistics, not these demos': the tokens it learnt stay the same actions
+        policy = load_policy(args.init, unnorm_key=PRETRAIN_SUITE)
+        if list(policy.norm_stats) != [PRETRAIN_SUITE]:
+            raise ValueError(f"--init {args.init}: not a {PRETRAIN_SUITE} base (its statistics: {sorted(policy.norm_stats)})")
+    else:
+        stats = {PRETRAIN_SUITE: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
+        policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": PRETRAIN_SUITE, "path": None}), stats, seed=cfg.seed)
     policy.model.to(device)
     images, instructions, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
     proprio = proprio if policy.uses_proprio else None
@@ -108,7 +116,9 @@ def pretrain(args, cfg, log=print) -> dict:
     out = save_policy(policy, args.out)
     summary = {"suite": PRETRAIN_SUITE, "tasks": tasks, "demos": len(demos), "samples": len(images),
                "steps": total[0], "batch_size": args.batch_size, "lr": args.lr, "final_loss": float(np.mean(losses[-50:])),
-               "seconds": time.time() - start, "device": str(device), "config": args.config, "dtype": args.dtype}
+               "seconds": time.time() - start, "device": str(device), "config": args.config, "dtype": args.dtype, "init": args.init}
+    if args.init and (Path(args.init) / "pretrain_summary.json").exists():  # the whole history of the weights
+        summary["init_summary"] = json.loads((Path(args.init) / "pretrain_summary.json").read_text())
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
     log(f"saved {out} ({summary['seconds']:.0f}s)")
     return summary

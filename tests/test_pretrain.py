@@ -85,6 +85,23 @@ def test_pretrain_seconds_budget_cuts_the_steps_to_fit(tmp_path):
     summary = json.loads((out / "pretrain_summary.json").read_text())
     assert 100 <= summary["steps"] < 100000 and summary["seconds"] < 40
 
+
+def test_pretrain_init_continues_from_a_base_and_records_its_history(tmp_path):
+    def pretrain(out, *extra):
+        cmd = [sys.executable, str(ROOT / "scripts/pretrain_base.py"), "--out", str(out), "--batch-size", "4", "--config", str(ROOT / "configs/tiny.yaml"), *extra]
+        subprocess.run(cmd, check=True, cwd=ROOT, timeout=600, capture_output=True)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k).float() for k in f.keys()}
+
+    first = pretrain(tmp_path / "a", "--steps", "3", "--demos-per-task", "1")
+    second = pretrain(tmp_path / "b", "--steps", "2", "--demos-per-task", "2", "--init", str(tmp_path / "a"))
+    summary = json.loads((tmp_path / "b" / "pretrain_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["init_summary"]["steps"] == 3
+    assert first.keys() == second.keys() and any(not (first[k] == second[k]).all() for k in first)
+    # the base's action statistics, not those of the new demos: its tokens keep meaning the same actions
+    stats = lambda d: json.loads((tmp_path / d / "dataset_statistics.json").read_text())  # noqa: E731
+    assert stats("b") == stats("a")
+
 def test_shipped_base_loads_and_matches_the_demo_configs_architecture():
     from policy.checkpoint import arch_from_config, load_policy
 
