@@ -110,7 +110,7 @@ def pretrain(args, cfg, log=print) -> dict:
             total[0] = max(100, min(args.steps, 100 + int((start + 0.9 * args.seconds - time.time()) / per_step)))
             log(f"  {per_step * 1e3:.0f} ms per step: {total[0]} steps fit in --seconds {args.seconds:.0f}")
         step += 1
-        if step % max(1, args.steps // 16) == 0:
+        if step % max(1, total[0] // 16) == 0:
             log(f"  step {step}/{total[0]}  loss {np.mean(losses[-50:]):.4f}  ({time.time() - t0:.0f}s)")
     policy.model.to("cpu", DTYPES[args.dtype])
     out = save_policy(policy, args.out)
