@@ -48,7 +48,8 @@ def parse(argv: list[str]):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak; cosine decay to a tenth of it")
     ap.add_argument("--seconds", type=float, default=None,
-                    help="wall budget for the whole run: fewer than --steps steps if those would not fit in 90 %% of it (speed measured over the first 100; the rest is for saving)")
+                    help="wall budget for the whole run: fewer than --steps steps if those would not fit in 90 %% of it "
+                         "(speed measured over the first 100; the rest is for saving)")
     ap.add_argument("--init", default=None,
                     help="continue from this base folder (its weights and action statistics) instead of a fresh policy")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="of the saved weights")
@@ -116,7 +117,8 @@ def pretrain(args, cfg, log=print) -> dict:
     out = save_policy(policy, args.out)
     summary = {"suite": PRETRAIN_SUITE, "tasks": tasks, "demos": len(demos), "samples": len(images),
                "steps": total[0], "batch_size": args.batch_size, "lr": args.lr, "final_loss": float(np.mean(losses[-50:])),
-               "seconds": time.time() - start, "device": str(device), "config": args.config, "dtype": args.dtype, "init": args.init}
+               "seconds": time.time() - start, "device": str(device), "config": args.config, "dtype": args.dtype,
+               "init": args.init}
     if args.init and (Path(args.init) / "pretrain_summary.json").exists():  # the whole history of the weights
         summary["init_summary"] = json.loads((Path(args.init) / "pretrain_summary.json").read_text())
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))

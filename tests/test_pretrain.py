@@ -61,13 +61,18 @@ def test_experts_solve_every_pretraining_task():
                 assert np.all(np.abs(actions) <= 1.0)
 
 
+def _pretrain(out, *extra):
+    """scripts/pretrain_base.py on the tiny config (batch 4) into `out`."""
+    cmd = [sys.executable, str(ROOT / "scripts/pretrain_base.py"), "--out", str(out), "--batch-size", "4",
+           "--config", str(ROOT / "configs/tiny.yaml"), *extra]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=600, capture_output=True)
+
+
 def test_pretrain_script_writes_a_base_with_only_the_pretraining_statistics(tmp_path):
     from policy.checkpoint import load_policy
 
     out = tmp_path / "base"
-    cmd = [sys.executable, str(ROOT / "scripts/pretrain_base.py"), "--out", str(out), "--demos-per-task", "1",
-           "--steps", "4", "--batch-size", "4", "--config", str(ROOT / "configs/tiny.yaml")]
-    subprocess.run(cmd, check=True, cwd=ROOT, timeout=600, capture_output=True)
+    _pretrain(out, "--demos-per-task", "1", "--steps", "4")
     summary = json.loads((out / "pretrain_summary.json").read_text())
     assert summary["suite"] == PRETRAIN_SUITE and summary["demos"] == 14 and summary["steps"] == 4
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -76,20 +81,16 @@ def test_pretrain_script_writes_a_base_with_only_the_pretraining_statistics(tmp_
     assert list(policy.norm_stats) == [PRETRAIN_SUITE] and policy.unnorm_key == PRETRAIN_SUITE
 
 
-
 def test_pretrain_seconds_budget_cuts_the_steps_to_fit(tmp_path):
     out = tmp_path / "base"
-    cmd = [sys.executable, str(ROOT / "scripts/pretrain_base.py"), "--out", str(out), "--demos-per-task", "1",
-           "--steps", "100000", "--batch-size", "4", "--seconds", "12", "--config", str(ROOT / "configs/tiny.yaml")]
-    subprocess.run(cmd, check=True, cwd=ROOT, timeout=600, capture_output=True)
+    _pretrain(out, "--demos-per-task", "1", "--steps", "100000", "--seconds", "12")
     summary = json.loads((out / "pretrain_summary.json").read_text())
     assert 100 <= summary["steps"] < 100000 and summary["seconds"] < 40
 
 
 def test_pretrain_init_continues_from_a_base_and_records_its_history(tmp_path):
     def pretrain(out, *extra):
-        cmd = [sys.executable, str(ROOT / "scripts/pretrain_base.py"), "--out", str(out), "--batch-size", "4", "--config", str(ROOT / "configs/tiny.yaml"), *extra]
-        subprocess.run(cmd, check=True, cwd=ROOT, timeout=600, capture_output=True)
+        _pretrain(out, *extra)
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             return {k: f.get_tensor(k).float() for k in f.keys()}
 
@@ -101,6 +102,7 @@ def test_pretrain_init_continues_from_a_base_and_records_its_history(tmp_path):
     # the base's action statistics, not those of the new demos: its tokens keep meaning the same actions
     stats = lambda d: json.loads((tmp_path / d / "dataset_statistics.json").read_text())  # noqa: E731
     assert stats("b") == stats("a")
+
 
 def test_shipped_base_loads_and_matches_the_demo_configs_architecture():
     from policy.checkpoint import arch_from_config, load_policy
