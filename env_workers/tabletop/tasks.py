@@ -194,7 +194,12 @@ TASKS: dict[str, TaskSpec] = {
 
 # Pretraining goals: none of them is a benchmark goal above; the bowl verb is taught only with
 # yellow and magenta blocks, the zone, push and stack verbs only with other pairs than above.
-P_BOWL = Layout("p_bowl", ("yellow", "magenta", "green"), bowl=True, spread=True)
+# Each bowl task has its own scene with benchmark colours as distractors, so a base has seen red,
+# green and blue blocks beside a bowl (and left them there) before the benchmark asks it to move
+# them (four blocks and a bowl do not always fit the workspace, hence three scenes of three).
+P_BOWL_Y = Layout("p_bowl_y", ("yellow", "red", "blue"), bowl=True, spread=True)
+P_BOWL_M = Layout("p_bowl_m", ("magenta", "blue", "green"), bowl=True, spread=True)
+P_BOWL_MY = Layout("p_bowl_my", ("magenta", "yellow", "red"), bowl=True, spread=True)
 P_ZONES_A = Layout("p_zones_a", ("green", "red"), zones=("yellow", "magenta"), spread=True)
 P_ZONES_B = Layout("p_zones_b", ("blue", "green"), zones=("yellow", "magenta"), spread=True)
 P_PUSH_M = Layout("p_push_m", ("red", "green"), zones=("magenta",), push_paths=True, spread=True)
@@ -219,10 +224,10 @@ def _stack(top: str, bottom: str) -> TaskSpec:
 PRETRAIN_TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("yellow_in_bowl", "put the yellow block in the bowl", P_BOWL, (("in_bowl", "yellow", None),)),
-        TaskSpec("magenta_in_bowl", "put the magenta block in the bowl", P_BOWL, (("in_bowl", "magenta", None),)),
+        TaskSpec("yellow_in_bowl", "put the yellow block in the bowl", P_BOWL_Y, (("in_bowl", "yellow", None),)),
+        TaskSpec("magenta_in_bowl", "put the magenta block in the bowl", P_BOWL_M, (("in_bowl", "magenta", None),)),
         TaskSpec("magenta_then_yellow_in_bowl", "put the magenta block in the bowl and then the yellow block in the bowl",
-                 P_BOWL, (("in_bowl", "magenta", None), ("in_bowl", "yellow", None))),
+                 P_BOWL_MY, (("in_bowl", "magenta", None), ("in_bowl", "yellow", None))),
         _place("red", "magenta", P_ZONES_A), _place("green", "yellow", P_ZONES_A),
         _place("green", "magenta", P_ZONES_A), _place("blue", "yellow", P_ZONES_B),
         _push("red", "magenta", P_PUSH_M), _push("green", "magenta", P_PUSH_M), _push("blue", "yellow", P_PUSH_Y),
