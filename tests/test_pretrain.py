@@ -36,11 +36,15 @@ def test_pretraining_suite_shares_no_goal_task_or_instruction_with_the_benchmark
     assert not {t.layout.name for t in PRETRAIN_TASKS.values()} & {t.layout.name for t in TASKS.values()}
 
 
+def _colours_put_in_a_bowl(tasks) -> set[str]:
+    return {block for t in tasks for verb, block, _ in t.goal if verb == "in_bowl"}
+
+
 def test_pretraining_bowl_scenes_hold_every_benchmark_colour_as_a_distractor_only():
-    bench_bowl_colours = {block for t in TASKS.values() for verb, block, _ in t.goal if verb == "in_bowl"}
+    bench_bowl_colours = _colours_put_in_a_bowl(TASKS.values())
     bowl_tasks = [t for t in PRETRAIN_TASKS.values() if t.layout.bowl]
     beside_a_bowl = {b for t in bowl_tasks for b in t.layout.blocks}
-    moved_to_a_bowl = {block for t in bowl_tasks for verb, block, _ in t.goal if verb == "in_bowl"}
+    moved_to_a_bowl = _colours_put_in_a_bowl(bowl_tasks)
     assert bench_bowl_colours == {"red", "green", "blue"}
     assert bench_bowl_colours <= beside_a_bowl and not bench_bowl_colours & moved_to_a_bowl
 
