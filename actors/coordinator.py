@@ -8,45 +8,15 @@ env workers -> TrajectoryQueue (refs + meta) -> here, where they are grouped by 
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 
 import ray
 
 from actors.env_pool import Episode, EnvWorkerPool
+from actors.samplers import AdaptiveTaskSampler, InitStateSampler
 from common.config import RolloutConfig
 from learner.grpo import keep_group
-
-
-class InitStateSampler:
-    """Cycles through every (task, train init state) in a seeded shuffled order; resumable."""
-
-    def __init__(self, pairs: list[tuple[str, int]], seed: int):
-        self.pairs = sorted(pairs)
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._order = self._shuffled()
-
-    def _shuffled(self) -> list[tuple[str, int]]:
-        order = list(self.pairs)
-        random.Random(self.seed * 7919 + self.epoch).shuffle(order)
-        return order
-
-    def next(self) -> tuple[str, int]:
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._shuffled()
-        self.position += 1
-        return self._order[self.position - 1]
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._shuffled()
 
 
 @dataclass
@@ -77,7 +47,7 @@ class RolloutStats:
 
 
 class RolloutCoordinator:
-    def __init__(self, cfg: RolloutConfig, pool: EnvWorkerPool, queue, sampler: InitStateSampler):
+    def __init__(self, cfg: RolloutConfig, pool: EnvWorkerPool, queue, sampler: InitStateSampler | AdaptiveTaskSampler):
         self.cfg, self.pool, self.queue, self.sampler = cfg, pool, queue, sampler
         self.open_groups: dict[int, Group] = {}
         self.ready: list[Group] = []  # complete groups that passed dynamic sampling
@@ -123,7 +93,9 @@ class RolloutCoordinator:
         if len(group.items) == self.cfg.group_size:
             del self.open_groups[item["group"]]
             s.groups_done += 1
-            if keep_group(group.success_rate, self.cfg.min_group_success, self.cfg.max_group_success):
+            kept = keep_group(group.success_rate, self.cfg.min_group_success, self.cfg.max_group_success)
+            self.sampler.observe(group.key[0], group.success_rate)
+            if kept:
                 self.ready.append(group)
                 s.groups_kept += 1
             else:

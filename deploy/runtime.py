@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import ray
 
-from actors.coordinator import InitStateSampler, RolloutCoordinator
+from actors.coordinator import RolloutCoordinator
+from actors.samplers import make_sampler
 from actors.env_pool import EnvWorkerPool
 from actors.trajectory_queue import TrajectoryQueue
 from common.config import RunConfig
@@ -66,7 +67,7 @@ class Rollout:
 
     def coordinator(self, cfg: RunConfig) -> RolloutCoordinator:
         pairs = [(t, s) for t, v in self.task_info.items() for s in v["train"]]
-        return RolloutCoordinator(cfg.rollout, self.pool, self.queue, InitStateSampler(pairs, cfg.seed))
+        return RolloutCoordinator(cfg.rollout, self.pool, self.queue, make_sampler(pairs, cfg.seed, cfg.rollout))
 
     def shutdown(self) -> None:
         from ray import serve

@@ -82,6 +82,8 @@ class GRPOTrainer:
             "time/weight_sync_s": sync_s,
             "policy/version": self.version,
         }
+        if cfg.rollout.task_sampling == "adaptive":
+            scalars.update({f"sampler/weight/{t}": w for t, w in self.coordinator.sampler.weights().items()})
         per_task = {t: a / b for t, (a, b) in s.per_task.items() if b}
         self.logger.log(self.step, scalars, per_task, env_steps=s.env_steps)
         self.history.append({"step": self.step, **scalars})

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from actors.samplers import make_sampler  # noqa: E402
 from common.config_loading import load_config  # noqa: E402
 from common.records import Trajectory  # noqa: E402
 from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
@@ -158,30 +159,32 @@ class Loop:
         cfg = self.cfg
         G, n = cfg.rollout.groups_per_batch, cfg.rollout.group_size
         pairs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, "train")]
-        opt, order, surplus, history = self._optimizer(cfg.learner.lr), [], [], []
+        sampler = make_sampler(pairs, cfg.seed, cfg.rollout)  # as the coordinator
+        opt, surplus, history = self._optimizer(cfg.learner.lr), [], []
         start = time.time()
         while time.time() - start < seconds:
             batch, surplus, successes = surplus[:G], surplus[G:], []
             for _ in range(cfg.rollout.max_rounds):
                 if len(batch) >= G:
                     break
-                reqs = []
-                for _ in range(G):
-                    order = order or list(self.rng.permutation(len(pairs)))
-                    reqs += [pairs[order.pop()]] * n
+                reqs = [pair for _ in range(G) for pair in [sampler.next()] * n]
                 res = self.rollout(reqs, greedy=False, temperature=cfg.rollout.temperature)
                 for g in range(G):
                     group = res[g * n : (g + 1) * n]
                     rate = float(np.mean([r.success for r in group]))
                     successes.append(rate)
-                    if keep_group(rate, cfg.rollout.min_group_success, cfg.rollout.max_group_success):
+                    kept = keep_group(rate, cfg.rollout.min_group_success, cfg.rollout.max_group_success)
+                    sampler.observe(group[0].task, rate)
+                    if kept:
                         batch.append(group)
             surplus += batch[G:]  # dynamic sampling keeps the surplus for the next step
             if batch:
                 self.grpo_update(opt, batch[:G])
             history.append(float(np.mean(successes)))
             if len(history) % 10 == 0:
-                self.log(f"iteration {len(history)}  rollout success (last 10) {np.mean(history[-10:]):.3f}")
+                weights = {t: round(w, 2) for t, w in sampler.weights().items()}
+                self.log(f"iteration {len(history)}  rollout success (last 10) {np.mean(history[-10:]):.3f}  "
+                         f"task weights {json.dumps(weights)}")
         return history
 
 

@@ -1,9 +1,12 @@
-"""Dynamic sampling, surplus, the lag filter, and the bounded trajectory queue."""
+"""Dynamic sampling, surplus, the lag filter, the init-state samplers, and the bounded trajectory queue."""
+
+import json
 
 import pytest
 import ray
 
-from actors.coordinator import InitStateSampler, RolloutCoordinator
+from actors.coordinator import RolloutCoordinator
+from actors.samplers import AdaptiveTaskSampler, InitStateSampler, make_sampler
 from common.config import RolloutConfig
 
 
@@ -73,6 +76,52 @@ def test_sampler_cycles_every_pair_and_resumes_exactly():
     b = InitStateSampler(pairs, seed=1)
     b.load(state)
     assert [b.next() for _ in range(5)] == rest
+
+
+def test_adaptive_sampler_moves_groups_to_failing_tasks_and_keeps_a_floor():
+    pairs = [(t, s) for t in ("hopeless", "half", "solved") for s in range(5)]
+    sampler = AdaptiveTaskSampler(pairs, seed=3, floor=0.1)
+    rate = {"hopeless": 0.0, "half": 0.5, "solved": 1.0}
+    counts = {t: 0 for t in rate}
+    for i in range(900):
+        task, state = sampler.next()
+        assert (task, state) in pairs
+        counts[task] += 1
+        sampler.observe(task, success_rate=rate[task])
+    # after warm-up the weights are 1 : 0.5 : 0.1 (failure rates, floored) -> 62.5 / 31 / 6 %
+    w = sampler.weights()
+    assert w == pytest.approx({"hopeless": 1 / 1.6, "half": 0.5 / 1.6, "solved": 0.1 / 1.6}, rel=1e-3)
+    assert counts["hopeless"] > counts["half"] > counts["solved"] > 0.03 * 900
+    # init states of a task are still cycled: every state of "hopeless" served equally often
+    more = [sampler.next() for _ in range(200)]
+    per_state = [sum(1 for t, s in more if t == "hopeless" and s == k) for k in range(5)]
+    assert max(per_state) - min(per_state) <= 1
+
+
+def test_adaptive_sampler_resumes_exactly_and_config_picks_it():
+    pairs = [(t, s) for t in "abc" for s in range(4)]
+    a = AdaptiveTaskSampler(pairs, seed=1)
+    for i in range(25):
+        t, _ = a.next()
+        a.observe(t, success_rate=(i % 3) / 4 if t != "b" else 1.0)
+    state = json.loads(json.dumps(a.state()))  # what a checkpoint's state.json holds
+    rest = [a.next() for _ in range(30)]
+    b = AdaptiveTaskSampler(pairs, seed=1)
+    b.load(state)
+    assert [b.next() for _ in range(30)] == rest
+    assert isinstance(make_sampler(pairs, 0, RolloutConfig(task_sampling="adaptive")), AdaptiveTaskSampler)
+    assert isinstance(make_sampler(pairs, 0, RolloutConfig()), InitStateSampler)
+    with pytest.raises(ValueError, match="task_sampling"):
+        RolloutConfig(task_sampling="greedy")
+
+
+def test_coordinator_tells_the_sampler_every_finished_group_kept_or_not():
+    coord = RolloutCoordinator(RolloutConfig(group_size=8), pool=None, queue=None,
+                               sampler=AdaptiveTaskSampler([("a", 0), ("b", 0)], seed=0, ema=0.5))
+    _feed(coord, 0, ("a", 0), [1] * 8)  # all success: filtered, failure rate 1 -> 0.5
+    _feed(coord, 1, ("b", 0), [1, 1] + [0] * 6)  # kept, failure rate 1 -> 0.875
+    assert coord.sampler.failure_rate == pytest.approx({"a": 0.5, "b": 0.875})
+    assert [g.key for g in coord.ready] == [("b", 0)]
 
 
 def test_queue_holds_refs_applies_backpressure_and_drops_stale(ray_cluster):
