@@ -149,6 +149,10 @@ class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2] = 2
     sync_every: int = Field(1, gt=0)
     recompute_old_logprobs: bool = False
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights, updated once per RL step "
+        "(ema = decay * ema + (1 - decay) * weights); saved and evaluated policies are the average, rollouts use "
+        "the live weights; None = off")
 
     @model_validator(mode="after")
     def _micro_divides_mini(self):
@@ -220,6 +224,9 @@ class RunConfig(Section):
     run_dir: Path = Path("runs/default")
     seed: int = 0
     total_steps: int = Field(100, gt=0, description="RL steps")
+    wall_budget_minutes: float | None = Field(
+        None, gt=0, description="end GRPO at a step boundary before the run passes this many minutes from its start "
+        "(the demo counts its SFT and evaluations in); None = total_steps alone")
     policy: PolicyConfig = PolicyConfig()
     env: EnvConfig = EnvConfig()
     rollout: RolloutConfig = RolloutConfig()

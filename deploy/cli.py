@@ -11,16 +11,19 @@ from common.config_loading import ConfigError, load_config
 
 
 def _train(cfg, args):
+    import time
+
     from deploy.runtime import Rollout, init_ray
     from deploy.train import GRPOTrainer
 
     if cfg.policy.path is None:
         sys.exit("train needs a policy to start from: set policy.path=/local/policy/folder (e.g. the output of `vla-grpo sft`)")
+    deadline = None if cfg.wall_budget_minutes is None else time.monotonic() + 60 * cfg.wall_budget_minutes
     init_ray(cfg)
     rollout = Rollout.start(cfg, str(cfg.policy.path))
     trainer = GRPOTrainer(cfg, str(cfg.policy.path), rollout)
     try:
-        trainer.run(Path(cfg.run_dir) / "rl_policy")
+        trainer.run(Path(cfg.run_dir) / "rl_policy", deadline)
         trainer.save_checkpoint()
     finally:
         trainer.shutdown()

@@ -35,12 +35,20 @@ def run_demo(cfg: RunConfig) -> dict:
     rollout = Rollout.start(cfg, str(sft_folder))
     try:
         say("greedy eval of the SFT policy on held-out initial states")
+        eval_start = time.monotonic()
         sft_report = evaluate(rollout, run_dir / "eval_sft", cfg.eval.episodes_per_task, cfg.eval.videos)
+        eval_seconds = time.monotonic() - eval_start
         say(f"SFT success {100 * sft_report['success']:.1f}%")
 
+        deadline = None
+        if cfg.wall_budget_minutes is not None:
+            # the final evaluation takes as long as the first; margin for saving the policy and report
+            deadline = start + 60 * cfg.wall_budget_minutes - 1.2 * eval_seconds - 30
+            say(f"GRPO: up to {cfg.total_steps} steps, ending by {deadline - start:.0f}s "
+                f"(wall_budget_minutes={cfg.wall_budget_minutes:g})")
         trainer = GRPOTrainer(cfg, str(sft_folder), rollout)
         try:
-            trainer.run(run_dir / "rl_policy")
+            ended_by = trainer.run(run_dir / "rl_policy", deadline)
         finally:
             trainer.shutdown()
 
@@ -57,6 +65,7 @@ def run_demo(cfg: RunConfig) -> dict:
                      for t in sft_report["per_task"]},
         "eval_episodes": rl_report["episodes"],
         "rl_steps": trainer.step,
+        "rl_ended_by": ended_by,
         "wall_seconds": wall,
         "history": trainer.history,
     }

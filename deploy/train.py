@@ -91,11 +91,22 @@ class GRPOTrainer:
             self.save_checkpoint()
         return scalars
 
-    def run(self, final_policy_dir: Path) -> None:
-        """Train until `total_steps` (counting resumed steps), then write the servable policy."""
+    def run(self, final_policy_dir: Path, deadline: float | None = None) -> str:
+        """Train until `total_steps` (counting resumed steps), or until the next step would end past
+        `deadline` (time.monotonic()), then write the servable policy. Returns what ended it."""
+        step_seconds: list[float] = []
+        ended_by = "total_steps"
         while self.step < self.cfg.total_steps:
+            # the slowest of the last few steps: a step's length varies with how many groups it drops
+            if deadline is not None and time.monotonic() + max(step_seconds[-5:], default=0.0) > deadline:
+                ended_by = "wall_budget_minutes"
+                print(f"wall budget: stopping GRPO after step {self.step} of {self.cfg.total_steps}", flush=True)
+                break
+            t0 = time.monotonic()
             self.train_step()
+            step_seconds.append(time.monotonic() - t0)
         self.learner.save_policy(final_policy_dir)
+        return ended_by
 
     def sync_weights(self) -> float:
         start = time.monotonic()

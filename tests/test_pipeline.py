@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import ray
+import torch
 
 from actors.env_pool import Episode
 from common.config_loading import load_config
@@ -55,6 +56,54 @@ def test_one_rl_step_end_to_end_updates_every_replica(pipeline, tiny_policy_dir)
     assert not np.array_equal(before, _greedy_tokens(rollout.handle, probe)), "greedy actions did not change after sync"
     assert (cfg.run_dir / "metrics.jsonl").is_file()
     assert scalars["rollout/policy_lag"] == 0.0 and scalars["policy/version"] == 1
+
+
+def test_wall_budget_ends_grpo_at_a_step_boundary_and_still_saves_the_policy(pipeline, tiny_policy_dir, tmp_path):
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = pipeline
+    cfg = cfg.model_copy(update={"total_steps": 1, "run_dir": tmp_path})
+    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
+    try:
+        assert trainer.run(tmp_path / "early", deadline=time.monotonic() - 1) == "wall_budget_minutes"
+        assert trainer.step == 0 and (tmp_path / "early" / "config.json").is_file()
+        assert trainer.run(tmp_path / "done", deadline=time.monotonic() + 3600) == "total_steps"
+        assert trainer.step == 1 and (tmp_path / "done" / "config.json").is_file()
+    finally:
+        trainer.shutdown()
+
+
+def test_weight_average_is_what_gets_saved_and_survives_a_resume(pipeline, tiny_policy_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = pipeline
+    learner = cfg.learner.model_copy(update={"lr": 0.05, "weight_decay": 1.0, "ema_decay": 0.75})  # weights move
+    cfg = cfg.model_copy(update={"learner": learner, "run_dir": tmp_path, "total_steps": 1})
+    start = load_file(str(tiny_policy_dir / "model.safetensors"))
+    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
+    try:
+        trainer.run(tmp_path / "rl_policy")
+        live = ray.get(trainer.learner.publish_weights())
+        trainer.save_checkpoint()
+    finally:
+        trainer.shutdown()
+    saved = load_file(str(tmp_path / "rl_policy" / "model.safetensors"))
+    moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], live[k])]
+    assert moved, "the step did not change any weight"
+    for k in moved:  # one RL step: 0.75 * start + 0.25 * live, not the live weights the replicas serve
+        torch.testing.assert_close(saved[k].float(), 0.75 * start[k].float() + 0.25 * live[k].float(), rtol=1e-5, atol=1e-6)
+    resumed_cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": True})})
+    resumed = GRPOTrainer(resumed_cfg, str(tiny_policy_dir), rollout)
+    try:
+        assert resumed.step == 1
+        resumed.learner.save_policy(tmp_path / "resumed_policy")
+        assert torch.equal(ray.get(resumed.learner.publish_weights())[moved[0]], live[moved[0]])
+    finally:
+        resumed.shutdown()
+    again = load_file(str(tmp_path / "resumed_policy" / "model.safetensors"))
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
 
 
 def test_trajectories_are_compact_and_freed_slots_do_not_pad(pipeline):
