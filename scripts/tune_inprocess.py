@@ -160,6 +160,8 @@ class Loop:
         G, n = cfg.rollout.groups_per_batch, cfg.rollout.group_size
         pairs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, "train")]
         sampler = make_sampler(pairs, cfg.seed, cfg.rollout)  # as the coordinator
+        self.ema = None if cfg.learner.ema_decay is None else {
+            k: v.detach().float().clone() for k, v in self.policy.model.state_dict().items() if v.is_floating_point()}
         opt, surplus, history = self._optimizer(cfg.learner.lr), [], []
         start = time.time()
         while time.time() - start < seconds:
@@ -180,6 +182,11 @@ class Loop:
             surplus += batch[G:]  # dynamic sampling keeps the surplus for the next step
             if batch:
                 self.grpo_update(opt, batch[:G])
+                if self.ema is not None:  # as the learner: once per RL step
+                    with torch.no_grad():
+                        for k, v in self.policy.model.state_dict().items():
+                            if k in self.ema:
+                                self.ema[k].lerp_(v.float(), 1.0 - cfg.learner.ema_decay)
             history.append(float(np.mean(successes)))
             if len(history) % 10 == 0:
                 weights = {t: round(w, 2) for t, w in sampler.weights().items()}
@@ -196,11 +203,16 @@ def main() -> None:
     sft, sft_per_task = loop.evaluate()
     loop.log(f"SFT {sft:.3f} {json.dumps({k: round(v, 2) for k, v in sft_per_task.items()})}")
     history = loop.grpo(seconds)
-    rl, rl_per_task = loop.evaluate()
+    rl_live, rl_live_per_task = loop.evaluate()
+    rl, rl_per_task = rl_live, rl_live_per_task
+    if loop.ema is not None:  # what the pipeline saves and evaluates; the live weights' success is kept beside it
+        loop.policy.model.load_state_dict(loop.ema, strict=False)
+        rl, rl_per_task = loop.evaluate()
+        loop.log(f"live weights: RL {rl_live:.3f} {json.dumps({k: round(v, 2) for k, v in rl_live_per_task.items()})}")
     loop.log(f"after {len(history)} GRPO iterations: SFT {sft:.3f} -> RL {rl:.3f} "
              f"{json.dumps({k: round(v, 2) for k, v in rl_per_task.items()})}")
-    result = dict(name=name, overrides=overrides, sft=sft, rl=rl, iterations=len(history), sft_per_task=sft_per_task,
-                  rl_per_task=rl_per_task, rollout_success=history)
+    result = dict(name=name, overrides=overrides, sft=sft, rl=rl, rl_live=rl_live, iterations=len(history),
+                  sft_per_task=sft_per_task, rl_per_task=rl_per_task, rollout_success=history)
     (loop.out / "result.json").write_text(json.dumps(result, indent=1))
 
 
