@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import ray
 
 from actors.coordinator import RolloutCoordinator
-from actors.samplers import make_sampler
 from actors.env_pool import EnvWorkerPool
+from actors.samplers import make_sampler
 from actors.trajectory_queue import TrajectoryQueue
 from common.config import RunConfig
 from services.policy_service import APP_NAME, start_policy_service

@@ -111,5 +111,8 @@ def test_sft_in_one_pass_takes_the_same_step_as_micro_batched(ray_cluster, tiny_
     assert len(set(split_losses)) == 3, "losses should change from step to step"
     assert whole_losses[0] == pytest.approx(split_losses[0], rel=1e-6)  # same weights before the first step
     assert whole_losses == pytest.approx(split_losses, rel=1e-4)
+    # Adam divides by sqrt(v): where a gradient is ~0, summation-order rounding can move an element by
+    # a visible part of one step (lr 1e-3; one element in 4 M was 1.6e-5 off on one CPU); a wrong
+    # gradient would be off by about a whole step on many elements
     for name, w in split_weights.items():
-        np.testing.assert_allclose(whole_weights[name].numpy(), w.numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(whole_weights[name].numpy(), w.numpy(), rtol=1e-3, atol=1e-4, err_msg=name)
