@@ -8,7 +8,7 @@ mini-batch, so payloads go from the object store straight to the rank that needs
 from __future__ import annotations
 
 import socket
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from common.config import RunConfig
 from common.records import Trajectory
+from learner.weight_average import WeightAverage
 
 
 def _free_port() -> int:
@@ -31,7 +32,7 @@ class LearnerWorker:
         torch.set_num_threads(max(1, int(cfg.cluster.learner_cpus)))  # the CPUs Ray reserved for this rank
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.engine = None
-        self.ema: dict[str, torch.Tensor] | None = None  # float32 average of the weights (learner.ema_decay)
+        self.ema: WeightAverage | None = None  # learner.ema_decay
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -55,7 +56,7 @@ class LearnerWorker:
             per_rank = lc.mini_batch_size // self.world_size
             self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_size, per_rank // lc.micro_batch_size)
             if lc.ema_decay is not None:  # the average starts at the policy RL starts from
-                self.ema = {k: v.float().clone() for k, v in self.engine.weights().items() if v.is_floating_point()}
+                self.ema = WeightAverage(self.policy.model, lc.ema_decay)
         return sum(p.numel() for p in self.policy.model.parameters())
 
     def grpo_step(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray) -> dict:
@@ -72,30 +73,8 @@ class LearnerWorker:
                 s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, old)
                 stats.append({"loss": s.loss, "grad_norm": s.grad_norm, **s.extra})
         if self.ema is not None:
-            self._update_ema(lc.ema_decay)
+            self.ema.update(self.policy.model)
         return {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
-
-    @torch.no_grad()
-    def _update_ema(self, decay: float) -> None:
-        for k, v in self.policy.model.state_dict().items():
-            if k in self.ema:
-                self.ema[k].lerp_(v.float(), 1.0 - decay)
-
-    @contextmanager
-    def _averaged_weights(self):
-        """The module holds the EMA weights inside the block (for saving), its own weights after."""
-        if self.ema is None:
-            yield
-            return
-        module = self.policy.model
-        live = {k: v.detach().clone() for k, v in module.state_dict().items() if k in self.ema}
-        with torch.no_grad():
-            module.load_state_dict(self.ema, strict=False)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                module.load_state_dict(live, strict=False)
 
     def sft_step(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio=None) -> dict:
         sl = slice(self.rank, None, self.world_size)
@@ -111,28 +90,24 @@ class LearnerWorker:
         if self.rank == 0:
             from policy.checkpoint import save_policy
 
-            with self._averaged_weights():
+            with self.ema.swapped_into(self.policy.model) if self.ema is not None else nullcontext():
                 save_policy(self.policy, folder)
 
     def save_state(self, folder: str, client_state: dict) -> None:
         client_state = dict(client_state, torch_rng=torch.get_rng_state())
         self.engine.save(folder, client_state)
         if self.ema is not None and self.rank == 0:  # every rank holds the same average
-            from safetensors.torch import save_file
-
-            save_file(self.ema, str(Path(folder) / "ema.safetensors"))
+            self.ema.save(Path(folder) / "ema.safetensors")
 
     def load_state(self, folder: str) -> dict:
         state = self.engine.load(folder)
         if "torch_rng" in state:
             torch.set_rng_state(state.pop("torch_rng"))
         if self.ema is not None:
-            from safetensors.torch import load_file
-
             path = Path(folder) / "ema.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"learner.ema_decay is set but the checkpoint {folder} holds no ema.safetensors")
-            self.ema = load_file(str(path))
+            self.ema.load(path)
         return state
 
 

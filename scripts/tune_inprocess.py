@@ -32,6 +32,7 @@ from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_en
 from learner.engine import grpo_batch_loss, sft_batch_loss  # noqa: E402
 from learner.grpo import group_advantages, keep_group  # noqa: E402
 from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
+from learner.weight_average import WeightAverage  # noqa: E402
 from policy.action_tokenizer import postprocess_gripper  # noqa: E402
 from policy.checkpoint import initial_policy  # noqa: E402
 
@@ -160,8 +161,7 @@ class Loop:
         G, n = cfg.rollout.groups_per_batch, cfg.rollout.group_size
         pairs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, "train")]
         sampler = make_sampler(pairs, cfg.seed, cfg.rollout)  # as the coordinator
-        self.ema = None if cfg.learner.ema_decay is None else {
-            k: v.detach().float().clone() for k, v in self.policy.model.state_dict().items() if v.is_floating_point()}
+        self.ema = None if cfg.learner.ema_decay is None else WeightAverage(self.policy.model, cfg.learner.ema_decay)
         opt, surplus, history = self._optimizer(cfg.learner.lr), [], []
         start = time.time()
         while time.time() - start < seconds:
@@ -183,10 +183,7 @@ class Loop:
             if batch:
                 self.grpo_update(opt, batch[:G])
                 if self.ema is not None:  # as the learner: once per RL step
-                    with torch.no_grad():
-                        for k, v in self.policy.model.state_dict().items():
-                            if k in self.ema:
-                                self.ema[k].lerp_(v.float(), 1.0 - cfg.learner.ema_decay)
+                    self.ema.update(self.policy.model)
             history.append(float(np.mean(successes)))
             if len(history) % 10 == 0:
                 weights = {t: round(w, 2) for t, w in sampler.weights().items()}
@@ -206,7 +203,7 @@ def main() -> None:
     rl_live, rl_live_per_task = loop.evaluate()
     rl, rl_per_task = rl_live, rl_live_per_task
     if loop.ema is not None:  # what the pipeline saves and evaluates; the live weights' success is kept beside it
-        loop.policy.model.load_state_dict(loop.ema, strict=False)
+        loop.ema.load_into(loop.policy.model)
         rl, rl_per_task = loop.evaluate()
         loop.log(f"live weights: RL {rl_live:.3f} {json.dumps({k: round(v, 2) for k, v in rl_live_per_task.items()})}")
     loop.log(f"after {len(history)} GRPO iterations: SFT {sft:.3f} -> RL {rl:.3f} "
