@@ -101,6 +101,14 @@ class RolloutCoordinator:
             else:
                 s.groups_filtered += 1
 
+    def drain(self, timeout_s: float) -> None:
+        """Finish the groups in flight; they are kept or filtered as usual."""
+        deadline = time.monotonic() + timeout_s
+        while self.open_groups:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout: {len(self.open_groups)} groups still in flight after {timeout_s:.0f}s")
+            self.pump(0)
+
     def drop_stale(self, current_version: int) -> int:
         """Drop ready groups older than the allowed lag. Surplus groups may lag one version even in
         strict mode (they were sampled by the policy that the step just trained from)."""
@@ -129,8 +137,8 @@ class RolloutCoordinator:
                     f"dynamic sampling kept {len(self.ready)} of {self.stats.groups_done} groups; the policy "
                     "succeeds always or never on these tasks (RL needs some successes and some failures)"
                 )
-        while drain and self.open_groups:
-            self.pump(0)
+        if drain:
+            self.drain(timeout_s)
         batch, self.ready = self.ready[:groups], (self.ready[groups:] if self.cfg.keep_surplus else [])
         self.stats.seconds = time.monotonic() - start
         return batch

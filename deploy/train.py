@@ -19,6 +19,7 @@ from deploy.telemetry import RunLogger
 from learner.checkpoints import CheckpointManager, load_trajectories, save_trajectories
 from learner.grpo import group_advantages
 from learner.group import LearnerGroup
+from learner.lr_schedule import scheduled_lr
 from services.policy_service import broadcast_weights
 
 
@@ -42,9 +43,12 @@ class GRPOTrainer:
         self.ckpt = CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.keep)
         self.rng = np.random.default_rng(cfg.seed)
         self.step, self.version = 0, 0
+        self.window: tuple[float, float] | None = None  # (start, deadline) of run(), time.monotonic()
         self.history: list[dict] = []
-        if cfg.checkpoint.resume:
-            self.resume()
+        # the replicas may serve other weights (a Rollout reused from an earlier run): start them
+        # on this learner's, as version 0, so every trajectory's version and lag are this run's
+        if not (cfg.checkpoint.resume and self.resume()):
+            self.sync_weights()
 
     # --- one RL step ---------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -56,7 +60,7 @@ class GRPOTrainer:
         refs, rewards, group_ids, versions = flatten(batch)
         advantages = group_advantages(torch.from_numpy(rewards), torch.from_numpy(group_ids)).numpy()
         order = self.rng.permutation(len(refs))
-        futures = self.learner.grpo_step_async(refs, advantages, order)
+        futures = self.learner.grpo_step_async(refs, advantages, order, scheduled_lr(cfg.learner, self.progress()))
         while not strict and ray.wait(futures, num_returns=len(futures), timeout=0)[1]:
             self.coordinator.pump(cfg.rollout.groups_per_batch, timeout_s=0.05)  # overlap rollout with training
         train_stats = ray.get(futures, timeout=cfg.rollout.rollout_timeout_s)[0]
@@ -70,7 +74,8 @@ class GRPOTrainer:
         scalars = {
             "rollout/success_rate": s.successes / max(s.episodes, 1),
             "rollout/episodes": s.episodes,
-            "rollout/env_steps_per_s": s.env_steps / max(t1 - t0, 1e-6),
+            # overlapped (lag >= 1): the stats also count the episodes that ran while the learner trained
+            "rollout/env_steps_per_s": s.env_steps / max((t1 if strict else t2) - t0, 1e-6),
             "rollout/filtered_group_fraction": s.groups_filtered / max(s.groups_done, 1),
             "rollout/queue_depth": ray.get(self.rollout.queue.size.remote(), timeout=30),
             "rollout/policy_lag": float(np.mean(self.version - 1 - versions)),
@@ -91,10 +96,21 @@ class GRPOTrainer:
             self.save_checkpoint()
         return scalars
 
+    def progress(self) -> float:
+        """How far the run is, 0 to 1, for learner.lr_schedule: by steps, or by the clock when run()
+        has a deadline that comes first (a budgeted run on a slow machine still ends at the final lr;
+        after a resume the clock part counts from the resume)."""
+        done = self.step / self.cfg.total_steps
+        if self.window is not None:
+            start, deadline = self.window
+            done = max(done, (time.monotonic() - start) / max(deadline - start, 1e-6))
+        return min(done, 1.0)
+
     def run(self, final_policy_dir: Path, deadline: float | None = None) -> str:
         """Train until `total_steps` (counting resumed steps), or until the next step would end past
         `deadline` (time.monotonic()), then write the servable policy. Returns what ended it."""
         step_seconds: list[float] = []
+        self.window = None if deadline is None else (time.monotonic(), deadline)
         ended_by = "total_steps"
         while self.step < self.cfg.total_steps:
             # the slowest of the last few steps: a step's length varies with how many groups it drops
@@ -105,6 +121,9 @@ class GRPOTrainer:
             t0 = time.monotonic()
             self.train_step()
             step_seconds.append(time.monotonic() - t0)
+        # with max_policy_lag >= 1 groups are still in flight: finish them here, or their episodes
+        # would come back to the env pool's next user (the demo's final evaluation)
+        self.coordinator.drain(self.cfg.rollout.rollout_timeout_s)
         self.learner.save_policy(final_policy_dir)
         return ended_by
 

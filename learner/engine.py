@@ -101,6 +101,15 @@ class LearnerEngine:
         self.policy.model = self.engine.module
 
     # --- GRPO -------------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        """The lr of the next optimiser steps (learner.lr_schedule); as DeepSpeed's own schedulers do it."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
     @torch.no_grad()
     def recompute_logprobs(self, trajs: list[Trajectory], temperature: float) -> list[np.ndarray]:
         logp, _ = trajectory_logprobs(self.policy, trajs, temperature)

@@ -59,9 +59,12 @@ class LearnerWorker:
                 self.ema = WeightAverage(self.policy.model, lc.ema_decay)
         return sum(p.numel() for p in self.policy.model.parameters())
 
-    def grpo_step(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray) -> dict:
-        """One RL step: the batch in `order`, split into mini-batches, one optimiser step each."""
+    def grpo_step(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray, lr: float | None = None) -> dict:
+        """One RL step: the batch in `order`, split into mini-batches, one optimiser step each, at
+        `lr` when given (the trainer's learner.lr_schedule) or the optimizer's current lr."""
         lc = self.cfg.learner
+        if lr is not None:
+            self.engine.set_lr(lr)
         stats: list[dict] = []
         for _ in range(lc.epochs):
             for start in range(0, len(order), lc.mini_batch_size):
@@ -74,7 +77,7 @@ class LearnerWorker:
                 stats.append({"loss": s.loss, "grad_norm": s.grad_norm, **s.extra})
         if self.ema is not None:
             self.ema.update(self.policy.model)
-        return {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+        return {**{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "lr": self.engine.lr}
 
     def sft_step(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio=None) -> dict:
         sl = slice(self.rank, None, self.world_size)
@@ -127,8 +130,8 @@ class LearnerGroup:
     def setup(self, policy_path: str, mode: str, seed: int) -> int:
         return self._all("setup", self.master[0], self.master[1], str(policy_path), mode, seed)[0]
 
-    def grpo_step_async(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray) -> list:
-        return [w.grpo_step.remote(traj_refs, advantages, order) for w in self.workers]
+    def grpo_step_async(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray, lr: float | None = None) -> list:
+        return [w.grpo_step.remote(traj_refs, advantages, order, lr) for w in self.workers]
 
     def sft_step(self, images, instructions, tokens, proprio=None) -> dict:
         refs = [ray.put(x) for x in (images, tokens, proprio)]  # once in the object store, read by every rank
