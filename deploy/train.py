@@ -19,7 +19,7 @@ from deploy.telemetry import RunLogger
 from learner.checkpoints import CheckpointManager, load_trajectories, save_trajectories
 from learner.grpo import group_advantages
 from learner.group import LearnerGroup
-from learner.lr_schedule import scheduled_lr
+from learner.lr_schedule import run_progress, scheduled_lr
 from services.policy_service import broadcast_weights
 
 
@@ -100,11 +100,10 @@ class GRPOTrainer:
         """How far the run is, 0 to 1, for learner.lr_schedule: by steps, or by the clock when run()
         has a deadline that comes first (a budgeted run on a slow machine still ends at the final lr;
         after a resume the clock part counts from the resume)."""
-        done = self.step / self.cfg.total_steps
-        if self.window is not None:
-            start, deadline = self.window
-            done = max(done, (time.monotonic() - start) / max(deadline - start, 1e-6))
-        return min(done, 1.0)
+        if self.window is None:
+            return run_progress(self.step, self.cfg.total_steps)
+        start, deadline = self.window
+        return run_progress(self.step, self.cfg.total_steps, time.monotonic() - start, deadline - start)
 
     def run(self, final_policy_dir: Path, deadline: float | None = None) -> str:
         """Train until `total_steps` (counting resumed steps), or until the next step would end past

@@ -1,7 +1,8 @@
 """The GRPO learning rate as a function of run progress (0 at the first RL step, 1 at the last).
 
 Progress is a fraction rather than a step count because a run can end by its wall budget before
-`total_steps`; the trainer passes whichever of the two is further along (deploy/train.py).
+`total_steps`; `run_progress` takes whichever of the two is further along. The trainer
+(deploy/train.py) and scripts/tune_inprocess.py both use it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,14 @@ from __future__ import annotations
 import math
 
 from common.config import LearnerConfig
+
+
+def run_progress(steps_done: int, total_steps: int, elapsed_s: float | None = None, budget_s: float | None = None) -> float:
+    """How far a run is, 0 to 1: by steps, or by the clock when a time budget would end it first."""
+    done = steps_done / total_steps
+    if budget_s is not None:
+        done = max(done, elapsed_s / max(budget_s, 1e-6))
+    return min(done, 1.0)
 
 
 def scheduled_lr(cfg: LearnerConfig, progress: float) -> float:

@@ -31,7 +31,7 @@ from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
 from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_env  # noqa: E402
 from learner.engine import grpo_batch_loss, sft_batch_loss  # noqa: E402
 from learner.grpo import group_advantages, keep_group  # noqa: E402
-from learner.lr_schedule import scheduled_lr  # noqa: E402
+from learner.lr_schedule import run_progress, scheduled_lr  # noqa: E402
 from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
 from learner.weight_average import WeightAverage  # noqa: E402
 from policy.action_tokenizer import postprocess_gripper  # noqa: E402
@@ -182,7 +182,7 @@ class Loop:
                         batch.append(group)
             surplus += batch[G:]  # dynamic sampling keeps the surplus for the next step
             if batch:
-                progress = max(len(history) / cfg.total_steps, (time.time() - start) / seconds)  # as GRPOTrainer.progress
+                progress = run_progress(len(history), cfg.total_steps, time.time() - start, seconds)
                 for group in opt.param_groups:
                     group["lr"] = scheduled_lr(cfg.learner, progress)
                 self.grpo_update(opt, batch[:G])

@@ -3,7 +3,7 @@
 import pytest
 
 from common.config_loading import load_config
-from learner.lr_schedule import scheduled_lr
+from learner.lr_schedule import run_progress, scheduled_lr
 from tests.conftest import ROOT
 
 
@@ -32,3 +32,10 @@ def test_decays_from_lr_to_the_final_ratio_and_holds_there(schedule, middle):
 def test_bad_schedule_names_the_field():
     with pytest.raises(Exception, match="lr_schedule"):
         _learner("learner.lr_schedule=step")
+
+
+def test_progress_follows_steps_or_the_clock_whichever_is_further():
+    assert run_progress(3, 12) == 0.25
+    assert run_progress(3, 12, elapsed_s=30.0, budget_s=60.0) == 0.5  # the budget ends the run first
+    assert run_progress(9, 12, elapsed_s=30.0, budget_s=60.0) == 0.75
+    assert run_progress(20, 12) == 1.0 and run_progress(1, 12, elapsed_s=90.0, budget_s=60.0) == 1.0

@@ -73,32 +73,32 @@ def test_wall_budget_ends_grpo_at_a_step_boundary_and_still_saves_the_policy(pip
         trainer.shutdown()
 
 
-def test_lr_schedule_reaches_the_learner_step_by_step(pipeline, tiny_policy_dir, tmp_path):
+def _run_to_total_steps(cfg, tiny_policy_dir, rollout):
+    """A trainer run to cfg.total_steps (policy in run_dir/rl_policy), then shut down; for its history."""
     from deploy.train import GRPOTrainer
 
+    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
+    try:
+        trainer.run(cfg.run_dir / "rl_policy")
+    finally:
+        trainer.shutdown()
+    return trainer
+
+
+def test_lr_schedule_reaches_the_learner_step_by_step(pipeline, tiny_policy_dir, tmp_path):
     cfg, rollout = pipeline
     learner = cfg.learner.model_copy(update={"lr": 0.002, "lr_schedule": "linear", "lr_final_ratio": 0.5})
     cfg = cfg.model_copy(update={"learner": learner, "run_dir": tmp_path, "total_steps": 2})
-    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
-    try:
-        trainer.run(tmp_path / "rl_policy")
-    finally:
-        trainer.shutdown()
+    trainer = _run_to_total_steps(cfg, tiny_policy_dir, rollout)
     # no deadline: progress is step / total_steps, so steps 1 and 2 train at progress 0 and 1/2
     assert [h["train/lr"] for h in trainer.history] == pytest.approx([0.002, 0.0015])
 
 
 def test_overlapped_steps_train_on_one_version_old_groups_and_report_a_true_env_step_rate(pipeline, tiny_policy_dir, tmp_path):
-    from deploy.train import GRPOTrainer
-
     cfg, rollout = pipeline
     rollout_cfg = cfg.rollout.model_copy(update={"max_policy_lag": 1})
     cfg = cfg.model_copy(update={"rollout": rollout_cfg, "run_dir": tmp_path, "total_steps": 3})
-    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
-    try:
-        trainer.run(tmp_path / "rl_policy")
-    finally:
-        trainer.shutdown()
+    trainer = _run_to_total_steps(cfg, tiny_policy_dir, rollout)
     assert not trainer.coordinator.open_groups and not rollout.pool.pending, "rollouts left running after GRPO"
     assert [h["policy/version"] for h in trainer.history] == [1, 2, 3]
     assert all(0.0 <= h["rollout/policy_lag"] <= 1.0 for h in trainer.history)
