@@ -143,6 +143,8 @@ class LearnerConfig(Section):
         "constant", description="GRPO learning rate over the run: from lr down to lr * lr_final_ratio at the end of "
         "total_steps, or of wall_budget_minutes when that comes first")
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="lr_schedule: the last step's lr as a fraction of lr")
+    lr_warmup: float = Field(0.0, ge=0, lt=1, description="share of the run (as for lr_schedule) over which the lr "
+                             "first rises linearly from lr * lr_final_ratio to lr; 0 = start at lr")
     weight_decay: float = Field(0.0, ge=0)
     clip_low: float = Field(0.2, gt=0, lt=1)
     clip_high: float = Field(0.28, gt=0)

@@ -24,6 +24,7 @@ GAUGES = {
     "train/entropy": ("vla_entropy_nats", "entropy of the action-token distribution"),
     "train/grad_norm": ("vla_grad_norm", "gradient norm before clipping"),
     "train/approx_kl": ("vla_approx_kl", "approximate KL(old || new)"),
+    "train/lr": ("vla_learning_rate", "learner learning rate of the step (learner.lr_schedule)"),
     "time/weight_sync_s": ("vla_weight_sync_seconds", "seconds to publish and swap weights"),
     "time/rollout_s": ("vla_rollout_seconds", "seconds of rollout in the step"),
     "time/train_s": ("vla_train_seconds", "seconds of learner time in the step"),

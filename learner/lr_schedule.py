@@ -21,12 +21,18 @@ def run_progress(steps_done: int, total_steps: int, elapsed_s: float | None = No
 
 
 def scheduled_lr(cfg: LearnerConfig, progress: float) -> float:
-    """`cfg.lr` decayed to `cfg.lr * cfg.lr_final_ratio` as `progress` goes from 0 to 1."""
+    """`cfg.lr` decayed to `cfg.lr * cfg.lr_final_ratio` as `progress` goes from 0 to 1; with
+    `cfg.lr_warmup` > 0 the lr first rises linearly from that final value to `cfg.lr` over the
+    first `lr_warmup` of the run, and the decay takes the rest."""
     p = min(max(progress, 0.0), 1.0)
+    floor = cfg.lr * cfg.lr_final_ratio
+    if p < cfg.lr_warmup:
+        return floor + (cfg.lr - floor) * p / cfg.lr_warmup
     if cfg.lr_schedule == "constant":
         return cfg.lr
+    q = (p - cfg.lr_warmup) / (1.0 - cfg.lr_warmup)
     if cfg.lr_schedule == "linear":
-        shape = 1.0 - p
+        shape = 1.0 - q
     else:  # cosine
-        shape = 0.5 * (1.0 + math.cos(math.pi * p))
-    return cfg.lr * (cfg.lr_final_ratio + (1.0 - cfg.lr_final_ratio) * shape)
+        shape = 0.5 * (1.0 + math.cos(math.pi * q))
+    return floor + (cfg.lr - floor) * shape

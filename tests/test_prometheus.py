@@ -25,6 +25,7 @@ SERIES = {
     "ray_vla_success_rate_ratio": lambda v: 0.0 <= v <= 1.0,
     "ray_vla_policy_lag_versions": lambda v: v == 0.0,  # strict on-policy
     "ray_vla_env_steps_total": lambda v: v > 0,
+    "ray_vla_learning_rate": lambda v: v > 0,
 }
 PROMETHEUS = shutil.which("prometheus") or next(
     (p for p in ("/usr/bin/prometheus", "/usr/sbin/prometheus") if os.path.exists(p)), None)
