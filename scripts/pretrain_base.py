@@ -111,8 +111,8 @@ def pretrain(args, cfg, log=print) -> dict:
         losses.append(loss.item())
         if step == WARMUP_STEPS - 1:
             t_warm = time.time()
-        if args.seconds and step == WARMUP_STEPS + 99:  # speed after warm-up: the first steps (CUDA start,
-            per_step = (time.time() - t_warm) / 100   # allocator) ran ~1.6x slower on an H100 and cut the budget
+        if args.seconds and step == WARMUP_STEPS + 99:  # speed after warm-up: on an H100 the first 100 steps
+            per_step = (time.time() - t_warm) / 100   # (CUDA start-up included) averaged 1.6x the later ones
             total[0] = max(step + 1, min(args.steps, step + 1 + int((start + 0.9 * args.seconds - time.time()) / per_step)))
             log(f"  {per_step * 1e3:.0f} ms per step: {total[0]} steps fit in --seconds {args.seconds:.0f}")
         step += 1
