@@ -159,6 +159,10 @@ class LearnerConfig(Section):
         None, gt=0, lt=1, description="keep an exponential moving average of the weights, updated once per RL step "
         "(ema = decay * ema + (1 - decay) * weights); saved and evaluated policies are the average, rollouts use "
         "the live weights; None = off")
+    demo_bc_coef: float = Field(
+        0.0, ge=0, description="weight of a behaviour-cloning term on the SFT demonstrations (cross-entropy on their "
+        "action tokens), added to every GRPO mini-batch's loss, as DAPG does; 0 = off, the paper's pure GRPO")
+    demo_bc_batch_size: int = Field(16, gt=0, description="demonstration samples in each mini-batch's BC term")
 
     @model_validator(mode="after")
     def _micro_divides_mini(self):
@@ -191,6 +195,11 @@ class SFTConfig(Section):
 class EvalConfig(Section):
     episodes_per_task: int | None = Field(None, gt=0, description="None = every eval initial state")
     videos: int = Field(2, ge=0)
+    validate_every: int | None = Field(
+        None, gt=0, description="every this many RL steps (and after the last), a greedy evaluation on RL training "
+        "initial states picks the policy that GRPO saves and the final evaluation serves; None = the last policy")
+    validation_states_per_task: int = Field(20, gt=0, description="validate_every: train initial states per task, "
+                                            "the same ones every time")
 
 
 class ClusterConfig(Section):
@@ -263,4 +272,7 @@ class RunConfig(Section):
                 f"sft.batch_size / cluster.learner_world_size = {sft_per_rank} samples per rank must be a multiple of "
                 f"sft.micro_batch_size {sft_micro}, or at most {sft_micro} (then one pass per step)"
             )
+        if self.eval.validate_every is not None and self.learner.ema_decay is not None:
+            raise ValueError("eval.validate_every picks among the served (live) weights, but learner.ema_decay saves "
+                             "their average; set one of the two")
         return self

@@ -69,6 +69,8 @@ def run_demo(cfg: RunConfig) -> dict:
         "wall_seconds": wall,
         "history": trainer.history,
     }
+    if trainer.selector is not None:  # eval.validate_every: which step's policy rl_success measures
+        report["selection"] = trainer.selector.summary()
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_history(trainer.history, sft_report["success"], rl_report["success"], run_dir / "success_vs_step.png",
                  cfg.rollout.temperature)

@@ -12,7 +12,7 @@ import numpy as np
 
 from common.config import RunConfig
 from learner.group import LearnerGroup
-from learner.sft_data import build_sft_samples, sft_batch
+from learner.sft_data import DemoSamples, build_sft_samples
 
 
 def demo_folder(cfg: RunConfig) -> Path:
@@ -51,10 +51,9 @@ def select_demos(demos: list, per_task: int) -> list:
     return chosen
 
 
-def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
-    from env_workers.demos import dataset_statistics, read_demos
-    from env_workers.factory import env_scaled_action_dims, env_scene_shift
-    from policy.checkpoint import initial_policy, save_policy
+def load_demos(cfg: RunConfig) -> list:
+    """The run's SFT demonstrations (`sft.demos_per_task` of each task), in the policy's action convention."""
+    from env_workers.demos import read_demos
 
     demos = select_demos(read_demos(demo_folder(cfg)), cfg.sft.demos_per_task)
     if not demos:
@@ -64,15 +63,32 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
 
         for d in demos:
             d.actions = libero_to_openvla(d.actions)
+    return demos
+
+
+def demo_samples(cfg: RunConfig, demos: list) -> DemoSamples:
+    """SFT samples of `demos` with the run's augmentation (also the GRPO learner's BC data)."""
+    from env_workers.factory import env_scene_shift
+
+    images, instructions, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
+    scene = env_scene_shift(cfg.env) if cfg.sft.shift_moves_labels else None
+    return DemoSamples(images, instructions, chunks, proprio, cfg.sft.shift_augment_px, scene)
+
+
+def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
+    from env_workers.demos import dataset_statistics
+    from env_workers.factory import env_scaled_action_dims
+    from policy.checkpoint import initial_policy, save_policy
+
+    demos = load_demos(cfg)
     key = cfg.policy.unnorm_key or cfg.env.suite
     norm_stats = {key: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
     policy = initial_policy(cfg.policy, norm_stats, seed=cfg.seed)
-    images, instructions, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
+    samples = demo_samples(cfg, demos)
     if not policy.uses_proprio:
-        proprio = None
-    scene = env_scene_shift(cfg.env) if cfg.sft.shift_moves_labels else None
+        samples.proprio = None
     init_folder = save_policy(policy, Path(cfg.run_dir) / "sft_init")
-    log(f"SFT: {len(demos)} demos ({cfg.sft.demos_per_task}/task), {len(images)} samples, {cfg.sft.steps} steps")
+    log(f"SFT: {len(demos)} demos ({cfg.sft.demos_per_task}/task), {len(samples.images)} samples, {cfg.sft.steps} steps")
 
     learner = LearnerGroup(cfg)
     try:
@@ -80,17 +96,13 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
         rng = np.random.default_rng(cfg.seed)
         losses, start = [], time.monotonic()
         for step in range(cfg.sft.steps):
-            idx = rng.choice(len(images), size=cfg.sft.batch_size, replace=len(images) < cfg.sft.batch_size)
-            batch_images, tokens, batch_proprio = sft_batch(images, chunks, proprio, idx, cfg.sft.shift_augment_px, scene,
-                                                            policy.stats, policy.action_tokenizer, rng)
-            stats = learner.sft_step(batch_images, [instructions[i] for i in idx], tokens, batch_proprio)
+            stats = learner.sft_step(*samples.batch(cfg.sft.batch_size, policy.stats, policy.action_tokenizer, rng))
             losses.append(stats["loss"])
             if (step + 1) % max(1, cfg.sft.steps // 10) == 0:
                 log(f"  sft step {step + 1:5d}/{cfg.sft.steps}  loss {np.mean(losses[-20:]):.4f}  ({time.monotonic() - start:.0f}s)")
         learner.save_policy(out_folder)
     finally:
         learner.shutdown()
-    summary = {"demos": len(demos), "samples": len(images), "losses": losses, "seconds": time.monotonic() - start}
+    summary = {"demos": len(demos), "samples": len(samples.images), "losses": losses, "seconds": time.monotonic() - start}
     (Path(out_folder) / "sft_summary.json").write_text(json.dumps(summary))
     return summary
-

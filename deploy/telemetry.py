@@ -28,7 +28,10 @@ GAUGES = {
     "time/weight_sync_s": ("vla_weight_sync_seconds", "seconds to publish and swap weights"),
     "time/rollout_s": ("vla_rollout_seconds", "seconds of rollout in the step"),
     "time/train_s": ("vla_train_seconds", "seconds of learner time in the step"),
+    "train/demo_bc_loss": ("vla_demo_bc_loss", "behaviour-cloning loss on the SFT demos (learner.demo_bc_coef)"),
     "eval/success_rate": ("vla_eval_success_rate_ratio", "greedy success on held-out initial states"),
+    "eval/validation_success": ("vla_validation_success_ratio", "greedy success on the validation (train) states"),
+    "eval/selected_step": ("vla_selected_step", "RL step of the best validated policy so far"),
     "policy/version": ("vla_policy_version", "weight version served"),
 }
 

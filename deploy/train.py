@@ -16,6 +16,7 @@ from actors.coordinator import Group
 from common.config import RunConfig
 from deploy.runtime import Rollout
 from deploy.telemetry import RunLogger
+from deploy.validation import PolicySelector
 from learner.checkpoints import CheckpointManager, load_trajectories, save_trajectories
 from learner.grpo import group_advantages
 from learner.group import LearnerGroup
@@ -38,17 +39,28 @@ class GRPOTrainer:
         self.rollout = rollout
         self.coordinator = rollout.coordinator(cfg)
         self.learner = LearnerGroup(cfg)
-        self.learner.setup(policy_path, "grpo", cfg.seed)
+        self.learner.setup(policy_path, "grpo", cfg.seed, self._demos_for_bc())
         self.logger = logger or RunLogger(cfg.run_dir, cfg.logging.tensorboard, cfg.logging.console)
         self.ckpt = CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.keep)
         self.rng = np.random.default_rng(cfg.seed)
         self.step, self.version = 0, 0
         self.window: tuple[float, float] | None = None  # (start, deadline) of run(), time.monotonic()
         self.history: list[dict] = []
+        self.selector = (PolicySelector(cfg, rollout.task_info, Path(cfg.run_dir) / "validated_policy")
+                         if cfg.eval.validate_every else None)
+        self.served_version = None  # the version the replicas hold
         # the replicas may serve other weights (a Rollout reused from an earlier run): start them
         # on this learner's, as version 0, so every trajectory's version and lag are this run's
         if not (cfg.checkpoint.resume and self.resume()):
             self.sync_weights()
+
+    def _demos_for_bc(self):
+        """learner.demo_bc_coef: the run's SFT demonstrations as samples, else None."""
+        if self.cfg.learner.demo_bc_coef == 0:
+            return None
+        from deploy.sft import demo_samples, load_demos
+
+        return demo_samples(self.cfg, load_demos(self.cfg))
 
     # --- one RL step ---------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -70,6 +82,7 @@ class GRPOTrainer:
         sync_s = self.sync_weights() if self.step % cfg.learner.sync_every == 0 else 0.0
         if not strict:
             self.coordinator.drop_stale(self.version)
+        validation = self.validate() if self.selector is not None and self.selector.due(self.step) else {}
         s = rollout_stats
         scalars = {
             "rollout/success_rate": s.successes / max(s.episodes, 1),
@@ -86,6 +99,7 @@ class GRPOTrainer:
             "time/train_s": t2 - t1,
             "time/weight_sync_s": sync_s,
             "policy/version": self.version,
+            **validation,
         }
         if cfg.rollout.task_sampling == "adaptive":
             scalars.update({f"sampler/weight/{t}": w for t, w in self.coordinator.sampler.weights().items()})
@@ -123,8 +137,30 @@ class GRPOTrainer:
         # with max_policy_lag >= 1 groups are still in flight: finish them here, or their episodes
         # would come back to the env pool's next user (the demo's final evaluation)
         self.coordinator.drain(self.cfg.rollout.rollout_timeout_s)
-        self.learner.save_policy(final_policy_dir)
+        sel = self.selector
+        if sel is not None and self.step > 0 and not sel.validated(self.step):
+            self.validate()
+        if sel is not None and sel.best is not None and not sel.is_best(self.step):
+            # an earlier policy validated better: it is the run's policy, and the replicas serve it
+            sel.copy_best(final_policy_dir)
+            versions = broadcast_weights(self.rollout.handle, sel.best["version"], sel.best_weights)
+            self.served_version = sel.best["version"]
+            print(f"validation: keeping the policy of step {sel.best['step']} ({100 * sel.best['success']:.1f} % on "
+                  f"train states) over the last one ({100 * sel.history[-1]['success']:.1f} %)", flush=True)
+            if set(versions) != {sel.best["version"]}:
+                raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {sel.best['version']}")
+        else:
+            self.learner.save_policy(final_policy_dir)
         return ended_by
+
+    def validate(self) -> dict:
+        """eval.validate_every: greedy success of the current weights on the validation states."""
+        timeout = self.cfg.rollout.rollout_timeout_s
+        self.coordinator.drain(timeout)  # rollouts in flight (max_policy_lag >= 1) would share the env pool
+        if self.served_version != self.version:  # sync_every > 1
+            self.sync_weights()
+        entry = self.selector.validate(self.step, self.version, self.rollout.pool, self.learner, timeout)
+        return {"eval/validation_success": entry["success"], "eval/selected_step": self.selector.best["step"]}
 
     def sync_weights(self) -> float:
         start = time.monotonic()
@@ -132,6 +168,7 @@ class GRPOTrainer:
         versions = broadcast_weights(self.rollout.handle, self.version, state_ref)
         if set(versions) != {self.version}:
             raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {self.version}")
+        self.served_version = self.version
         return time.monotonic() - start
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -148,6 +185,9 @@ class GRPOTrainer:
             "numpy_rng": self.rng.bit_generator.state,
             "surplus": [[{k: v for k, v in it.items() if k != "ref"} for it in g.items] for g in surplus],
         }
+        if self.selector is not None:
+            state["validation"] = self.selector.state()
+            self.selector.save_into(tmp)
         return self.ckpt.commit(tmp, state)
 
     def resume(self) -> bool:
@@ -158,6 +198,8 @@ class GRPOTrainer:
         self.learner.load_state(folder / "learner")
         self.step, self.version = state["step"], state["version"]
         self.coordinator.sampler.load(state["sampler"])
+        if self.selector is not None and "validation" in state:
+            self.selector.load(state["validation"], folder)
         self.rng.bit_generator.state = state["numpy_rng"]
         trajs = iter(load_trajectories(folder / "surplus"))
         self.coordinator.ready = [

@@ -4,6 +4,7 @@
         learner/        DeepSpeed checkpoint of every rank (weights, optimizer, torch RNG)
         policy/         HF-layout policy folder (servable on its own)
         surplus/        dynamic-sampling surplus trajectories (npz, no pickle)
+        validated_policy/  the best validated policy so far (eval.validate_every), when set
         state.json      step, weight version, sampler position, python/numpy RNG, surplus meta
     checkpoints/latest  name of the newest COMPLETE checkpoint
 

@@ -115,14 +115,26 @@ class LearnerEngine:
         logp, _ = trajectory_logprobs(self.policy, trajs, temperature)
         return [logp[i, : t.tokens.size].reshape(t.tokens.shape).float().numpy() for i, t in enumerate(trajs)]
 
-    def grpo_minibatch(self, trajs: list[Trajectory], advantages: np.ndarray, temperature: float, old_logprobs=None) -> StepStats:
-        """One optimiser step over this rank's slice of a mini-batch (micro-batched)."""
+    def grpo_minibatch(self, trajs: list[Trajectory], advantages: np.ndarray, temperature: float, old_logprobs=None,
+                       demo_batch: tuple | None = None) -> StepStats:
+        """One optimiser step over this rank's slice of a mini-batch (micro-batched). `demo_batch`
+        (images, instructions, tokens, proprio), split over the micro-batches, adds
+        learner.demo_bc_coef x its action-token cross-entropy to the loss."""
         totals: dict[str, float] = {}
         n_micro = 0
-        for start in range(0, len(trajs), self.micro_batch):
+        starts = range(0, len(trajs), self.micro_batch)
+        demo_parts = np.array_split(np.arange(len(demo_batch[0])), len(starts)) if demo_batch is not None else None
+        for k, start in enumerate(starts):
             sl = slice(start, start + self.micro_batch)
             loss, stats = grpo_batch_loss(self.policy, trajs[sl], advantages[sl], temperature, self.cfg,
                                           None if old_logprobs is None else old_logprobs[sl])
+            if demo_parts is not None and len(demo_parts[k]):
+                images, instructions, tokens, proprio = demo_batch
+                part = demo_parts[k]
+                bc = sft_batch_loss(self.policy, images[part], [instructions[i] for i in part], tokens[part],
+                                    None if proprio is None else proprio[part])
+                loss = loss + self.cfg.demo_bc_coef * bc
+                stats["demo_bc_loss"] = float(bc.detach())
             self.engine.backward(loss)
             self.engine.step()
             stats["loss"] = float(loss.detach())

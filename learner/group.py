@@ -33,11 +33,13 @@ class LearnerWorker:
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.engine = None
         self.ema: WeightAverage | None = None  # learner.ema_decay
+        self.demos = None  # learner.demo_bc_coef: DemoSamples
+        self.demo_rng = np.random.default_rng(cfg.seed + rank)
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, master_addr: str, master_port: int, policy_path: str, mode: str, seed: int) -> int:
+    def setup(self, master_addr: str, master_port: int, policy_path: str, mode: str, seed: int, demos=None) -> int:
         from learner.engine import LearnerEngine, init_distributed
         from policy.checkpoint import load_policy
 
@@ -57,6 +59,12 @@ class LearnerWorker:
             self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_size, per_rank // lc.micro_batch_size)
             if lc.ema_decay is not None:  # the average starts at the policy RL starts from
                 self.ema = WeightAverage(self.policy.model, lc.ema_decay)
+            if lc.demo_bc_coef > 0:
+                if demos is None:
+                    raise ValueError("learner.demo_bc_coef > 0 needs the demonstrations (LearnerGroup.setup demos=)")
+                self.demos = demos
+                if not self.policy.uses_proprio:
+                    self.demos.proprio = None
         return sum(p.numel() for p in self.policy.model.parameters())
 
     def grpo_step(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray, lr: float | None = None) -> dict:
@@ -73,7 +81,11 @@ class LearnerWorker:
                 old = None
                 if lc.recompute_old_logprobs:
                     old = self.engine.recompute_logprobs(trajs, self.cfg.rollout.temperature)
-                s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, old)
+                demo_batch = None
+                if self.demos is not None:
+                    demo_batch = self.demos.batch(lc.demo_bc_batch_size, self.policy.stats, self.policy.action_tokenizer,
+                                                  self.demo_rng)
+                s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, old, demo_batch)
                 stats.append({"loss": s.loss, "grad_norm": s.grad_norm, **s.extra})
         if self.ema is not None:
             self.ema.update(self.policy.model)
@@ -97,7 +109,7 @@ class LearnerWorker:
                 save_policy(self.policy, folder)
 
     def save_state(self, folder: str, client_state: dict) -> None:
-        client_state = dict(client_state, torch_rng=torch.get_rng_state())
+        client_state = dict(client_state, torch_rng=torch.get_rng_state(), demo_rng=self.demo_rng.bit_generator.state)
         self.engine.save(folder, client_state)
         if self.ema is not None and self.rank == 0:  # every rank holds the same average
             self.ema.save(Path(folder) / "ema.safetensors")
@@ -106,6 +118,8 @@ class LearnerWorker:
         state = self.engine.load(folder)
         if "torch_rng" in state:
             torch.set_rng_state(state.pop("torch_rng"))
+        if "demo_rng" in state:
+            self.demo_rng.bit_generator.state = state.pop("demo_rng")
         if self.ema is not None:
             path = Path(folder) / "ema.safetensors"
             if not path.is_file():
@@ -127,8 +141,10 @@ class LearnerGroup:
     def _all(self, method: str, *args):
         return ray.get([getattr(w, method).remote(*args) for w in self.workers], timeout=self.timeout)
 
-    def setup(self, policy_path: str, mode: str, seed: int) -> int:
-        return self._all("setup", self.master[0], self.master[1], str(policy_path), mode, seed)[0]
+    def setup(self, policy_path: str, mode: str, seed: int, demos=None) -> int:
+        """`demos` (DemoSamples) for learner.demo_bc_coef: put in the object store once, read by every rank."""
+        demos_ref = None if demos is None else ray.put(demos)
+        return self._all("setup", self.master[0], self.master[1], str(policy_path), mode, seed, demos_ref)[0]
 
     def grpo_step_async(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray, lr: float | None = None) -> list:
         return [w.grpo_step.remote(traj_refs, advantages, order, lr) for w in self.workers]

@@ -5,6 +5,8 @@ its labels follow the scene (`SceneShift`), the position targets and proprio wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from common.records import SceneShift
@@ -71,3 +73,23 @@ def sft_batch(images, chunks, proprio, idx: np.ndarray, max_shift: int, scene: S
         batch_chunks, batch_proprio = shift_labels(batch_chunks, batch_proprio, content_shift, scene)
     tokens = tokenizer.actions_to_tokens(batch_chunks, stats).reshape(len(idx), -1)
     return batch_images, tokens, batch_proprio
+
+
+@dataclass
+class DemoSamples:
+    """The SFT samples of a run's demonstrations (`build_sft_samples`) with the augmentation that
+    goes with them; what a GRPO learner keeps for `learner.demo_bc_coef`."""
+
+    images: np.ndarray
+    instructions: list[str]
+    chunks: np.ndarray
+    proprio: np.ndarray | None
+    max_shift: int
+    scene: SceneShift | None
+
+    def batch(self, size: int, stats: ActionStats, tokenizer: ActionTokenizer, rng: np.random.Generator):
+        """`size` random augmented samples -> (images, instructions, token ids [B, chunk * D], proprio or None)."""
+        idx = rng.choice(len(self.images), size=size, replace=len(self.images) < size)
+        images, tokens, proprio = sft_batch(self.images, self.chunks, self.proprio, idx, self.max_shift, self.scene,
+                                            stats, tokenizer, rng)
+        return images, [self.instructions[i] for i in idx], tokens, proprio

@@ -32,7 +32,7 @@ from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_en
 from learner.engine import grpo_batch_loss, sft_batch_loss  # noqa: E402
 from learner.grpo import group_advantages, keep_group  # noqa: E402
 from learner.lr_schedule import run_progress, scheduled_lr  # noqa: E402
-from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
+from learner.sft_data import DemoSamples, build_sft_samples, sft_batch  # noqa: E402
 from learner.weight_average import WeightAverage  # noqa: E402
 from policy.action_tokenizer import postprocess_gripper  # noqa: E402
 from policy.checkpoint import initial_policy  # noqa: E402
@@ -90,6 +90,7 @@ class Loop:
         images, instr, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
         proprio = proprio if self.policy.uses_proprio else None
         scene = env_scene_shift(cfg.env) if cfg.sft.shift_moves_labels else None
+        self.demos = DemoSamples(images, instr, chunks, proprio, cfg.sft.shift_augment_px, scene)  # learner.demo_bc_coef
         opt = self._optimizer(cfg.sft.lr)
         for step in range(cfg.sft.steps):
             idx = self.rng.choice(len(images), size=cfg.sft.batch_size)
@@ -136,8 +137,13 @@ class Loop:
                     slots[i] = None
         return results
 
-    def evaluate(self) -> tuple[float, dict]:
-        reqs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, "eval")[: self.cfg.eval.episodes_per_task]]
+    def demo_bc_loss(self) -> torch.Tensor:
+        batch = self.demos.batch(self.cfg.learner.demo_bc_batch_size, self.policy.stats, self.policy.action_tokenizer, self.rng)
+        return sft_batch_loss(self.policy, *batch)
+
+    def evaluate(self, split: str = "eval", per_task: int | None = None) -> tuple[float, dict]:
+        per_task = per_task or self.cfg.eval.episodes_per_task
+        reqs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, split)[:per_task]]
         res = self.rollout(reqs, greedy=True, temperature=1.0)
         per_task = {t: float(np.mean([r.success for r in res if r.task == t])) for t in self.tasks}
         return float(np.mean([r.success for r in res])), per_task
@@ -154,6 +160,8 @@ class Loop:
                 sel = order[start : start + cfg.learner.mini_batch_size]
                 loss, _ = grpo_batch_loss(self.policy, [trajs[i] for i in sel], advantages[sel], cfg.rollout.temperature,
                                           cfg.learner)
+                if cfg.learner.demo_bc_coef > 0:
+                    loss = loss + cfg.learner.demo_bc_coef * self.demo_bc_loss()
                 self._step(opt, loss)
 
     def grpo(self, seconds: float) -> list[float]:
@@ -164,6 +172,7 @@ class Loop:
         sampler = make_sampler(pairs, cfg.seed, cfg.rollout)  # as the coordinator
         self.ema = None if cfg.learner.ema_decay is None else WeightAverage(self.policy.model, cfg.learner.ema_decay)
         opt, surplus, history = self._optimizer(cfg.learner.lr), [], []
+        self.validations, self.best = [], None  # eval.validate_every: (iteration, success), (success, weights)
         start = time.time()
         while time.time() - start < seconds:
             batch, surplus, successes = surplus[:G], surplus[G:], []
@@ -189,11 +198,24 @@ class Loop:
                 if self.ema is not None:  # as the learner: once per RL step
                     self.ema.update(self.policy.model)
             history.append(float(np.mean(successes)))
+            if cfg.eval.validate_every and len(history) % cfg.eval.validate_every == 0:
+                self.validate(len(history))
             if len(history) % 10 == 0:
                 weights = {t: round(w, 2) for t, w in sampler.weights().items()}
                 self.log(f"iteration {len(history)}  rollout success (last 10) {np.mean(history[-10:]):.3f}  "
                          f"task weights {json.dumps(weights)}")
+        if cfg.eval.validate_every and (not self.validations or self.validations[-1][0] != len(history)):
+            self.validate(len(history))
         return history
+
+    def validate(self, iteration: int) -> None:
+        """Greedy success on the first eval.validation_states_per_task train states; keeps the best
+        weights (as deploy/validation.py: the earlier on a tie)."""
+        success, _ = self.evaluate("train", self.cfg.eval.validation_states_per_task)
+        self.validations.append((iteration, success))
+        if self.best is None or success > self.best[0]:
+            self.best = (success, iteration, {k: v.detach().clone() for k, v in self.policy.model.state_dict().items()})
+        self.log(f"validation at iteration {iteration}: {success:.3f} (best {self.best[0]:.3f} at {self.best[1]})")
 
 
 def main() -> None:
@@ -212,8 +234,16 @@ def main() -> None:
         loop.log(f"live weights: RL {rl_live:.3f} {json.dumps({k: round(v, 2) for k, v in rl_live_per_task.items()})}")
     loop.log(f"after {len(history)} GRPO iterations: SFT {sft:.3f} -> RL {rl:.3f} "
              f"{json.dumps({k: round(v, 2) for k, v in rl_per_task.items()})}")
+    selected = {}
+    if loop.best is not None:  # the last policy's numbers stay in rl / rl_per_task, for comparison
+        loop.policy.model.load_state_dict(loop.best[2])
+        rl_best, rl_best_per_task = loop.evaluate()
+        loop.log(f"validated best (iteration {loop.best[1]}): RL {rl_best:.3f} "
+                 f"{json.dumps({k: round(v, 2) for k, v in rl_best_per_task.items()})}")
+        selected = dict(rl_best=rl_best, rl_best_per_task=rl_best_per_task, best_iteration=loop.best[1],
+                        validations=loop.validations)
     result = dict(name=name, overrides=overrides, sft=sft, rl=rl, rl_live=rl_live, iterations=len(history),
-                  sft_per_task=sft_per_task, rl_per_task=rl_per_task, rollout_success=history)
+                  sft_per_task=sft_per_task, rl_per_task=rl_per_task, rollout_success=history, **selected)
     (loop.out / "result.json").write_text(json.dumps(result, indent=1))
 
 

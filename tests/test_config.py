@@ -69,6 +69,8 @@ BAD_OVERRIDES = [
     (["rollout.temperature.x=1"], ["rollout.temperature", "not a section"]),
     (["cluster.resources={gpu: x}"], ["cluster.resources", "sim", "inference", "learner"]),
     (["policy.llm.num_heads=3"], ["policy.llm", "divisible"]),
+    (["eval.validate_every=10", "learner.ema_decay=0.9"], ["eval.validate_every", "learner.ema_decay"]),
+    (["learner.demo_bc_coef=-1"], ["learner.demo_bc_coef", "greater than or equal to 0"]),
 ]
 
 

@@ -184,3 +184,84 @@ def test_sigkilled_env_worker_episode_is_rerun_with_exact_counts(pipeline):
     assert pool.replaced == replaced + 1 and pool.rerun > rerun
     assert all(ray.get(ref).env_steps == meta["env_steps"] for _, meta, ref in done)
     assert ray.get(pool.workers[0].ready.remote(), timeout=60)
+
+
+def _demo_loss(policy_dir, cfg, samples) -> float:
+    """The BC loss of `samples`' first 8 demo samples (unshifted) under the policy in `policy_dir`."""
+    from learner.engine import sft_batch_loss
+    from policy.checkpoint import load_policy
+
+    policy = load_policy(policy_dir, policy=cfg.policy)
+    idx = np.arange(8)
+    tokens = policy.action_tokenizer.actions_to_tokens(samples.chunks[idx], policy.stats).reshape(len(idx), -1)
+    with torch.no_grad():
+        return float(sft_batch_loss(policy, samples.images[idx], [samples.instructions[i] for i in idx], tokens))
+
+
+@pytest.mark.parametrize("coef", [0.0, 1.0])
+def test_demo_bc_term_trains_on_the_demos_when_grpo_has_no_signal(pipeline, tiny_policy_dir, tmp_path, coef):
+    from safetensors.torch import load_file
+
+    from deploy.sft import demo_samples, load_demos
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = pipeline
+    env = cfg.env.model_copy(update={"tasks": ["red_in_bowl"]})  # the demos: one, of one task
+    learner = cfg.learner.model_copy(update={"lr": 1e-3, "demo_bc_coef": coef, "demo_bc_batch_size": 4})
+    cfg = cfg.model_copy(update={"env": env, "learner": learner, "run_dir": tmp_path, "total_steps": 1})
+    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
+    try:
+        scalars = trainer.train_step()
+        trainer.learner.save_policy(tmp_path / "after")
+    finally:
+        trainer.shutdown()
+    # the random tiny policy fails every episode: every group is all-fail, every advantage 0, and
+    # without weight decay GRPO alone leaves the weights where they were
+    assert scalars["rollout/success_rate"] == 0.0 and scalars["train/adv_mean"] == 0.0
+    start, after = load_file(str(tiny_policy_dir / "model.safetensors")), load_file(str(tmp_path / "after" / "model.safetensors"))
+    moved = [k for k in start if not torch.equal(start[k], after[k])]
+    if coef == 0.0:
+        assert not moved and "train/demo_bc_loss" not in scalars
+        return
+    assert moved and scalars["train/demo_bc_loss"] > 0
+    samples = demo_samples(cfg, load_demos(cfg))
+    assert _demo_loss(tmp_path / "after", cfg, samples) < _demo_loss(tiny_policy_dir, cfg, samples)
+
+
+def test_validation_keeps_the_best_policy_serves_it_and_survives_a_resume(pipeline, tiny_policy_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = pipeline
+    learner = cfg.learner.model_copy(update={"lr": 0.05, "weight_decay": 1.0})  # weights move every step
+    evaluation = cfg.eval.model_copy(update={"validate_every": 1, "validation_states_per_task": 1})
+    cfg = cfg.model_copy(update={"learner": learner, "eval": evaluation, "run_dir": tmp_path, "total_steps": 2,
+                                 "checkpoint": cfg.checkpoint.model_copy(update={"every": 2})})
+    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
+    try:
+        trainer.run(tmp_path / "rl_policy")
+        live = ray.get(trainer.learner.publish_weights())
+    finally:
+        trainer.shutdown()
+    history = trainer.selector.history
+    # the random policy fails every validation episode (one per task, train states): a tie keeps step 1
+    assert [h["step"] for h in history] == [1, 2] and [h["success"] for h in history] == [0.0, 0.0]
+    assert len(history[0]["per_task"]) == len(rollout.task_info)
+    assert [h["eval/selected_step"] for h in trainer.history] == [1, 1]
+    kept = load_file(str(tmp_path / "rl_policy" / "model.safetensors"))
+    assert all(torch.equal(kept[k], v) for k, v in load_file(str(tmp_path / "validated_policy" / "model.safetensors")).items())
+    assert any(not torch.equal(kept[k], live[k]) for k in kept), "the saved policy is the last one, not step 1's"
+    # the final evaluation runs on what the replicas serve: step 1's weights, as version 1
+    assert rollout.handle.broadcast("get_version").results(timeout_s=30) == [1] * cfg.cluster.serve_replicas
+    checksum = float(sum(v.double().sum() for v in kept.values()))
+    assert rollout.handle.broadcast("weights_checksum").results(timeout_s=30) == pytest.approx([checksum] * cfg.cluster.serve_replicas)
+
+    resumed = GRPOTrainer(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": True})}),
+                          str(tiny_policy_dir), rollout)
+    try:
+        assert resumed.step == 2 and resumed.selector.history == history and resumed.selector.best["step"] == 1
+        best = ray.get(resumed.selector.best_weights)
+        assert all(torch.equal(best[k], kept[k]) for k in kept)
+    finally:
+        resumed.shutdown()
