@@ -15,6 +15,7 @@ from common.config import RunConfig
 from common.config_loading import dump_config
 from deploy.evaluate import evaluate, format_table
 from deploy.runtime import Rollout, init_ray
+from deploy.telemetry import RunLogger
 from deploy.sft import run_sft
 from deploy.train import GRPOTrainer
 
@@ -46,7 +47,9 @@ def run_demo(cfg: RunConfig) -> dict:
             deadline = start + 60 * cfg.wall_budget_minutes - 1.2 * eval_seconds - 30
             say(f"GRPO: up to {cfg.total_steps} steps, ending by {deadline - start:.0f}s "
                 f"(wall_budget_minutes={cfg.wall_budget_minutes:g})")
-        trainer = GRPOTrainer(cfg, str(sft_folder), rollout)
+        logger = RunLogger(run_dir, cfg.logging.tensorboard, cfg.logging.console)
+        logger.log_scalars(0, {"eval/success_rate": sft_report["success"]})  # Prometheus, TensorBoard, metrics.jsonl
+        trainer = GRPOTrainer(cfg, str(sft_folder), rollout, logger)
         try:
             ended_by = trainer.run(run_dir / "rl_policy", deadline)
         finally:
@@ -54,6 +57,8 @@ def run_demo(cfg: RunConfig) -> dict:
 
         say("greedy eval of the RL policy on held-out initial states")
         rl_report = evaluate(rollout, run_dir / "eval_rl", cfg.eval.episodes_per_task, cfg.eval.videos)
+        logger.log_scalars(trainer.step, {"eval/success_rate": rl_report["success"]})
+        logger.close()
     finally:
         rollout.shutdown()
 

@@ -52,20 +52,24 @@ class RunLogger:
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
         self.start = time.monotonic()
 
-    def log(self, step: int, scalars: dict, per_task: dict | None = None, env_steps: int = 0) -> None:
+    def log_scalars(self, step: int, scalars: dict) -> None:
+        """Gauges, TensorBoard and metrics.jsonl, without a console line (evaluations)."""
         for key, value in scalars.items():
             if key in self.gauges:
                 self.gauges[key].set(float(value))
             if self.writer is not None:
                 self.writer.add_scalar(key, float(value), step)
+        self.jsonl.write(json.dumps({"step": step, "wall_s": time.monotonic() - self.start, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def log(self, step: int, scalars: dict, per_task: dict | None = None, env_steps: int = 0) -> None:
+        self.log_scalars(step, scalars)
         for task, rate in (per_task or {}).items():
             self.task_success.set(float(rate), tags={"task": task})
             if self.writer is not None:
                 self.writer.add_scalar(f"rollout_task/{task}", float(rate), step)
         if env_steps:
             self.env_steps.inc(env_steps)
-        self.jsonl.write(json.dumps({"step": step, "wall_s": time.monotonic() - self.start, **scalars}) + "\n")
-        self.jsonl.flush()
         if self.console:
             g = scalars.get
             print(
@@ -73,7 +77,9 @@ class RunLogger:
                 f"success {g('rollout/success_rate', 0):.2f}  kept {1 - g('rollout/filtered_group_fraction', 0):.2f}  "
                 f"loss {g('train/loss', 0):+.4f}  clip {g('train/clip_fraction', 0):.3f}  "
                 f"entropy {g('train/entropy', 0):.2f}  steps/s {g('rollout/env_steps_per_s', 0):.0f}  "
-                f"lag {g('rollout/policy_lag', 0):.1f}  sync {g('time/weight_sync_s', 0):.2f}s",
+                f"lag {g('rollout/policy_lag', 0):.1f}  sync {g('time/weight_sync_s', 0):.2f}s"
+                + (f"  validation {g('eval/validation_success'):.3f} (best: step {g('eval/selected_step'):.0f})"
+                   if "eval/validation_success" in scalars else ""),
                 flush=True,
             )
 

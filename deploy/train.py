@@ -40,6 +40,7 @@ class GRPOTrainer:
         self.coordinator = rollout.coordinator(cfg)
         self.learner = LearnerGroup(cfg)
         self.learner.setup(policy_path, "grpo", cfg.seed, self._demos_for_bc())
+        self.owns_logger = logger is None  # a caller's logger outlives the trainer (the demo's evaluations)
         self.logger = logger or RunLogger(cfg.run_dir, cfg.logging.tensorboard, cfg.logging.console)
         self.ckpt = CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.keep)
         self.rng = np.random.default_rng(cfg.seed)
@@ -212,4 +213,5 @@ class GRPOTrainer:
 
     def shutdown(self) -> None:
         self.learner.shutdown()
-        self.logger.close()
+        if self.owns_logger:
+            self.logger.close()

@@ -26,6 +26,8 @@ SERIES = {
     "ray_vla_policy_lag_versions": lambda v: v == 0.0,  # strict on-policy
     "ray_vla_env_steps_total": lambda v: v > 0,
     "ray_vla_learning_rate": lambda v: v > 0,
+    "ray_vla_validation_success_ratio": lambda v: 0.0 <= v <= 1.0,  # eval.validate_every below
+    "ray_vla_selected_step": lambda v: v >= 1,
 }
 PROMETHEUS = shutil.which("prometheus") or next(
     (p for p in ("/usr/bin/prometheus", "/usr/sbin/prometheus") if os.path.exists(p)), None)
@@ -104,7 +106,7 @@ def test_training_metrics_are_scraped_by_prometheus(prometheus, tiny_policy_dir,
         entry = job_entrypoint("train", "configs/tiny.yaml", [
             f"policy.path={tiny_policy_dir}", f"run_dir={tmp_path / 'run'}", "total_steps=3",
             "rollout.min_group_success=0.0", "env.max_steps=24", "cluster.learner_world_size=1",
-            "checkpoint.every=100",
+            "checkpoint.every=100", "eval.validate_every=1", "eval.validation_states_per_task=1",
         ], python=sys.executable)
         job_id = submit(head.dashboard_url, entry, working_dir=ROOT)
         # stop waiting as soon as every series is in Prometheus (the job may still be running)
