@@ -197,9 +197,13 @@ class EvalConfig(Section):
     videos: int = Field(2, ge=0)
     validate_every: int | None = Field(
         None, gt=0, description="every this many RL steps (and after the last), a greedy evaluation on RL training "
-        "initial states picks the policy that GRPO saves and the final evaluation serves; None = the last policy")
+        "initial states; an earlier policy that validated clearly better than the last one (validation_margin_se) "
+        "is what GRPO saves and the final evaluation serves; None = the last policy")
     validation_states_per_task: int = Field(20, gt=0, description="validate_every: train initial states per task, "
                                             "the same ones every time")
+    validation_margin_se: float = Field(
+        2.0, ge=0, description="validate_every: an earlier policy replaces the last one only when it validated better "
+        "by more than this many standard errors of the difference (binomial); 0 = whichever validated best")
 
 
 class ClusterConfig(Section):

@@ -31,7 +31,7 @@ GAUGES = {
     "train/demo_bc_loss": ("vla_demo_bc_loss", "behaviour-cloning loss on the SFT demos (learner.demo_bc_coef)"),
     "eval/success_rate": ("vla_eval_success_rate_ratio", "greedy success on held-out initial states"),
     "eval/validation_success": ("vla_validation_success_ratio", "greedy success on the validation (train) states"),
-    "eval/selected_step": ("vla_selected_step", "RL step of the best validated policy so far"),
+    "eval/best_step": ("vla_best_validated_step", "RL step of the best validated policy so far"),
     "policy/version": ("vla_policy_version", "weight version served"),
 }
 
@@ -78,7 +78,7 @@ class RunLogger:
                 f"loss {g('train/loss', 0):+.4f}  clip {g('train/clip_fraction', 0):.3f}  "
                 f"entropy {g('train/entropy', 0):.2f}  steps/s {g('rollout/env_steps_per_s', 0):.0f}  "
                 f"lag {g('rollout/policy_lag', 0):.1f}  sync {g('time/weight_sync_s', 0):.2f}s"
-                + (f"  validation {g('eval/validation_success'):.3f} (best: step {g('eval/selected_step'):.0f})"
+                + (f"  validation {g('eval/validation_success'):.3f} (best: step {g('eval/best_step'):.0f})"
                    if "eval/validation_success" in scalars else ""),
                 flush=True,
             )

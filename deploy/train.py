@@ -141,18 +141,23 @@ class GRPOTrainer:
         sel = self.selector
         if sel is not None and self.step > 0 and not sel.validated(self.step):
             self.validate()
-        if sel is not None and sel.best is not None and not sel.is_best(self.step):
-            # an earlier policy validated better: it is the run's policy, and the replicas serve it
-            sel.copy_best(final_policy_dir)
-            versions = broadcast_weights(self.rollout.handle, sel.best["version"], sel.best_weights)
-            self.served_version = sel.best["version"]
-            print(f"validation: keeping the policy of step {sel.best['step']} ({100 * sel.best['success']:.1f} % on "
-                  f"train states) over the last one ({100 * sel.history[-1]['success']:.1f} %)", flush=True)
-            if set(versions) != {sel.best["version"]}:
-                raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {sel.best['version']}")
+        if sel is not None and sel.earlier_is_better():
+            self.serve_best(final_policy_dir)
         else:
             self.learner.save_policy(final_policy_dir)
         return ended_by
+
+    def serve_best(self, policy_dir: Path) -> None:
+        """The best validated policy becomes the run's (`policy_dir`) and the replicas serve it, under
+        its own version, for whatever runs next (the demo's final evaluation)."""
+        sel = self.selector
+        sel.copy_best(policy_dir)
+        versions = broadcast_weights(self.rollout.handle, sel.best["version"], sel.best_weights)
+        if set(versions) != {sel.best["version"]}:
+            raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {sel.best['version']}")
+        self.served_version = sel.best["version"]
+        print(f"validation: keeping the policy of step {sel.best['step']} ({100 * sel.best['success']:.1f} % on "
+              f"train states) over the last one ({100 * sel.history[-1]['success']:.1f} %)", flush=True)
 
     def validate(self) -> dict:
         """eval.validate_every: greedy success of the current weights on the validation states."""
@@ -161,7 +166,7 @@ class GRPOTrainer:
         if self.served_version != self.version:  # sync_every > 1
             self.sync_weights()
         entry = self.selector.validate(self.step, self.version, self.rollout.pool, self.learner, timeout)
-        return {"eval/validation_success": entry["success"], "eval/selected_step": self.selector.best["step"]}
+        return {"eval/validation_success": entry["success"], "eval/best_step": self.selector.best["step"]}
 
     def sync_weights(self) -> float:
         start = time.monotonic()

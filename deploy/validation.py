@@ -4,12 +4,14 @@ Every few RL steps, and after the last, the policy the replicas serve runs greed
 of RL *training* initial states (the paper validates on its training states); the best one so far
 is kept, in the object store for the replicas and as a policy folder on disk. GRPO's success moves
 up and down from step to step (one task can slip from 100 % while another climbs), so the last
-step is not always the best one. Held-out states never take part, so the final evaluation on them
-stays an honest estimate of the selected policy.
+step is not always the best one; when an earlier policy validated clearly better than the last
+(`earlier_is_better`), it becomes the run's policy. Held-out states never take part, so the final
+evaluation on them stays an honest estimate of the selected policy.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -31,9 +33,19 @@ def replace_folder(source: Path, destination: Path) -> None:
     tmp.rename(destination)
 
 
+def clearly_better(best: float, last: float, episodes: int, margin_se: float) -> bool:
+    """Whether success `best` beats `last` (each over `episodes`) by more than `margin_se` standard
+    errors of the difference (binomial). Validation success climbs over a run while each estimate
+    carries a few points of sampling noise, so the plain maximum would often pick a lucky earlier
+    policy over a better-trained last one; the margin leaves the choice to real drops (a task lost)."""
+    se = math.sqrt((best * (1 - best) + last * (1 - last)) / episodes)
+    return best - last > margin_se * se
+
+
 class PolicySelector:
     def __init__(self, cfg: RunConfig, task_info: dict, folder: Path):
         self.every = cfg.eval.validate_every
+        self.margin_se = cfg.eval.validation_margin_se
         k = cfg.eval.validation_states_per_task
         self.states = {task: list(info["train"])[:k] for task, info in sorted(task_info.items())}
         self.folder = Path(folder)  # the best policy so far (atomically replaced by save_policy)
@@ -65,8 +77,12 @@ class PolicySelector:
             learner.save_policy(self.folder)
         return entry
 
-    def is_best(self, step: int) -> bool:
-        return self.best is not None and self.best["step"] == step
+    def earlier_is_better(self) -> bool:
+        """Whether the best validation beats the last one clearly (`clearly_better`)."""
+        if self.best is None or not self.history or self.best is self.history[-1]:
+            return False
+        n = sum(len(s) for s in self.states.values())
+        return clearly_better(self.best["success"], self.history[-1]["success"], n, self.margin_se)
 
     def copy_best(self, destination: Path) -> None:
         replace_folder(self.folder, destination)
@@ -94,6 +110,7 @@ class PolicySelector:
 
     def summary(self) -> dict:
         return {"validate_every": self.every, "states_per_task": len(next(iter(self.states.values()), [])),
-                "selected_step": None if self.best is None else self.best["step"],
-                "selected_validation_success": None if self.best is None else self.best["success"],
+                "best_step": None if self.best is None else self.best["step"],
+                "best_validation_success": None if self.best is None else self.best["success"],
+                "margin_se": self.margin_se, "kept_earlier": self.earlier_is_better(),
                 "history": [{"step": h["step"], "success": h["success"]} for h in self.history]}

@@ -22,7 +22,7 @@ def test_demo_writes_report_plot_videos_and_evaluation_metrics(ray_cluster, tmp_
     assert report["eval_episodes"] == 2 * len(tasks) and set(report["per_task"]) == set(tasks)
     assert [h["step"] for h in report["history"]] == [1, 2]
     selection = report["selection"]
-    assert [h["step"] for h in selection["history"]] == [1, 2] and selection["selected_step"] in (1, 2)
+    assert [h["step"] for h in selection["history"]] == [1, 2] and selection["best_step"] in (1, 2)
     assert json.loads((tmp_path / "report.json").read_text())["rl_success"] == report["rl_success"]
     assert (tmp_path / "success_vs_step.png").stat().st_size > 0
     for name in ("eval_sft", "eval_rl"):  # one video per task

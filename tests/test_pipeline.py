@@ -228,7 +228,7 @@ def test_demo_bc_term_trains_on_the_demos_when_grpo_has_no_signal(pipeline, tiny
     assert _demo_loss(tmp_path / "after", cfg, samples) < _demo_loss(tiny_policy_dir, cfg, samples)
 
 
-def test_validation_keeps_the_best_policy_serves_it_and_survives_a_resume(pipeline, tiny_policy_dir, tmp_path):
+def test_validation_tracks_the_best_policy_can_serve_it_and_survives_a_resume(pipeline, tiny_policy_dir, tmp_path):
     from safetensors.torch import load_file
 
     from deploy.train import GRPOTrainer
@@ -238,30 +238,37 @@ def test_validation_keeps_the_best_policy_serves_it_and_survives_a_resume(pipeli
     evaluation = cfg.eval.model_copy(update={"validate_every": 1, "validation_states_per_task": 1})
     cfg = cfg.model_copy(update={"learner": learner, "eval": evaluation, "run_dir": tmp_path, "total_steps": 2,
                                  "checkpoint": cfg.checkpoint.model_copy(update={"every": 2})})
+    replicas = cfg.cluster.serve_replicas
+    checksum = lambda state: float(sum(v.double().sum() for v in state.values()))  # noqa: E731
     trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
     try:
         trainer.run(tmp_path / "rl_policy")
         live = ray.get(trainer.learner.publish_weights())
+        history = trainer.selector.history
+        # the random policy fails every validation episode (one per task, train states): the best
+        # so far stays step 1's (a tie keeps the earlier), but it is not clearly better than the
+        # last, so the run keeps the last policy, and the replicas still serve it
+        assert [h["step"] for h in history] == [1, 2] and [h["success"] for h in history] == [0.0, 0.0]
+        assert len(history[0]["per_task"]) == len(rollout.task_info)
+        assert [h["eval/best_step"] for h in trainer.history] == [1, 1] and not trainer.selector.earlier_is_better()
+        last = load_file(str(tmp_path / "rl_policy" / "model.safetensors"))
+        assert all(torch.equal(last[k], live[k]) for k in last)
+        assert rollout.handle.broadcast("get_version").results(timeout_s=30) == [2] * replicas
+        # serving the best one: step 1's weights, under version 1, as its own policy folder
+        trainer.serve_best(tmp_path / "best_policy")
     finally:
         trainer.shutdown()
-    history = trainer.selector.history
-    # the random policy fails every validation episode (one per task, train states): a tie keeps step 1
-    assert [h["step"] for h in history] == [1, 2] and [h["success"] for h in history] == [0.0, 0.0]
-    assert len(history[0]["per_task"]) == len(rollout.task_info)
-    assert [h["eval/selected_step"] for h in trainer.history] == [1, 1]
-    kept = load_file(str(tmp_path / "rl_policy" / "model.safetensors"))
-    assert all(torch.equal(kept[k], v) for k, v in load_file(str(tmp_path / "validated_policy" / "model.safetensors")).items())
-    assert any(not torch.equal(kept[k], live[k]) for k in kept), "the saved policy is the last one, not step 1's"
-    # the final evaluation runs on what the replicas serve: step 1's weights, as version 1
-    assert rollout.handle.broadcast("get_version").results(timeout_s=30) == [1] * cfg.cluster.serve_replicas
-    checksum = float(sum(v.double().sum() for v in kept.values()))
-    assert rollout.handle.broadcast("weights_checksum").results(timeout_s=30) == pytest.approx([checksum] * cfg.cluster.serve_replicas)
+    best = load_file(str(tmp_path / "best_policy" / "model.safetensors"))
+    assert all(torch.equal(best[k], v) for k, v in load_file(str(tmp_path / "validated_policy" / "model.safetensors")).items())
+    assert any(not torch.equal(best[k], live[k]) for k in best), "step 1's weights are the last ones"
+    assert rollout.handle.broadcast("get_version").results(timeout_s=30) == [1] * replicas
+    assert rollout.handle.broadcast("weights_checksum").results(timeout_s=30) == pytest.approx([checksum(best)] * replicas)
 
     resumed = GRPOTrainer(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": True})}),
                           str(tiny_policy_dir), rollout)
     try:
         assert resumed.step == 2 and resumed.selector.history == history and resumed.selector.best["step"] == 1
-        best = ray.get(resumed.selector.best_weights)
-        assert all(torch.equal(best[k], kept[k]) for k in kept)
+        kept = ray.get(resumed.selector.best_weights)
+        assert all(torch.equal(kept[k], best[k]) for k in best)
     finally:
         resumed.shutdown()

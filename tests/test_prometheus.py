@@ -27,7 +27,7 @@ SERIES = {
     "ray_vla_env_steps_total": lambda v: v > 0,
     "ray_vla_learning_rate": lambda v: v > 0,
     "ray_vla_validation_success_ratio": lambda v: 0.0 <= v <= 1.0,  # eval.validate_every below
-    "ray_vla_selected_step": lambda v: v >= 1,
+    "ray_vla_best_validated_step": lambda v: v >= 1,
 }
 PROMETHEUS = shutil.which("prometheus") or next(
     (p for p in ("/usr/bin/prometheus", "/usr/sbin/prometheus") if os.path.exists(p)), None)
