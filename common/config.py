@@ -162,7 +162,8 @@ class LearnerConfig(Section):
     demo_bc_coef: float = Field(
         0.0, ge=0, description="weight of a behaviour-cloning term on the SFT demonstrations (cross-entropy on their "
         "action tokens), added to every GRPO mini-batch's loss, as DAPG does; 0 = off, the paper's pure GRPO")
-    demo_bc_batch_size: int = Field(16, gt=0, description="demonstration samples in each mini-batch's BC term")
+    demo_bc_batch_size: int = Field(16, gt=0, description="demonstration samples in each mini-batch's BC term, per "
+                                    "learner rank (each rank draws its own)")
 
     @model_validator(mode="after")
     def _micro_divides_mini(self):

@@ -15,8 +15,8 @@ from common.config import RunConfig
 from common.config_loading import dump_config
 from deploy.evaluate import evaluate, format_table
 from deploy.runtime import Rollout, init_ray
-from deploy.telemetry import RunLogger
 from deploy.sft import run_sft
+from deploy.telemetry import RunLogger
 from deploy.train import GRPOTrainer
 
 

@@ -121,20 +121,20 @@ class LearnerEngine:
         (images, instructions, tokens, proprio), split over the micro-batches, adds
         learner.demo_bc_coef x its action-token cross-entropy to the loss."""
         totals: dict[str, float] = {}
-        n_micro = 0
+        n_micro, demo_losses = 0, []
         starts = range(0, len(trajs), self.micro_batch)
         demo_parts = np.array_split(np.arange(len(demo_batch[0])), len(starts)) if demo_batch is not None else None
-        for k, start in enumerate(starts):
+        for i, start in enumerate(starts):
             sl = slice(start, start + self.micro_batch)
             loss, stats = grpo_batch_loss(self.policy, trajs[sl], advantages[sl], temperature, self.cfg,
                                           None if old_logprobs is None else old_logprobs[sl])
-            if demo_parts is not None and len(demo_parts[k]):
+            if demo_parts is not None and len(demo_parts[i]):
                 images, instructions, tokens, proprio = demo_batch
-                part = demo_parts[k]
+                part = demo_parts[i]
                 bc = sft_batch_loss(self.policy, images[part], [instructions[i] for i in part], tokens[part],
                                     None if proprio is None else proprio[part])
                 loss = loss + self.cfg.demo_bc_coef * bc
-                stats["demo_bc_loss"] = float(bc.detach())
+                demo_losses.append(float(bc.detach()))
             self.engine.backward(loss)
             self.engine.step()
             stats["loss"] = float(loss.detach())
@@ -142,6 +142,8 @@ class LearnerEngine:
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_micro += 1
         means = {k: v / n_micro for k, v in totals.items()}
+        if demo_losses:
+            means["demo_bc_loss"] = float(np.mean(demo_losses))
         return StepStats(loss=means.pop("loss"), grad_norm=self._grad_norm(), extra=means)
 
     # --- SFT --------------------------------------------------------------------------------
