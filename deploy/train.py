@@ -152,10 +152,7 @@ class GRPOTrainer:
         its own version, for whatever runs next (the demo's final evaluation)."""
         sel = self.selector
         sel.copy_best(policy_dir)
-        versions = broadcast_weights(self.rollout.handle, sel.best["version"], sel.best_weights)
-        if set(versions) != {sel.best["version"]}:
-            raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {sel.best['version']}")
-        self.served_version = sel.best["version"]
+        self._serve(sel.best["version"], sel.best_weights)
         print(f"validation: keeping the policy of step {sel.best['step']} ({100 * sel.best['success']:.1f} % on "
               f"train states) over the last one ({100 * sel.history[-1]['success']:.1f} %)", flush=True)
 
@@ -170,12 +167,15 @@ class GRPOTrainer:
 
     def sync_weights(self) -> float:
         start = time.monotonic()
-        state_ref = self.learner.publish_weights()
-        versions = broadcast_weights(self.rollout.handle, self.version, state_ref)
-        if set(versions) != {self.version}:
-            raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {self.version}")
-        self.served_version = self.version
+        self._serve(self.version, self.learner.publish_weights())
         return time.monotonic() - start
+
+    def _serve(self, version: int, state_ref) -> None:
+        """Every replica swaps to these weights as `version`, and all must report it."""
+        versions = broadcast_weights(self.rollout.handle, version, state_ref)
+        if set(versions) != {version}:
+            raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {version}")
+        self.served_version = version
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:

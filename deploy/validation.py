@@ -21,16 +21,7 @@ from safetensors.torch import load_file
 
 from actors.env_pool import Episode
 from common.config import RunConfig
-
-
-def replace_folder(source: Path, destination: Path) -> None:
-    """A copy of `source` at `destination`, replacing it whole: copied beside it, then renamed."""
-    destination = Path(destination)
-    tmp = destination.with_name(destination.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    shutil.rmtree(destination, ignore_errors=True)
-    tmp.rename(destination)
+from policy.checkpoint import copy_policy
 
 
 def clearly_better(best: float, last: float, episodes: int, margin_se: float) -> bool:
@@ -85,7 +76,7 @@ class PolicySelector:
         return clearly_better(self.best["success"], self.history[-1]["success"], n, self.margin_se)
 
     def copy_best(self, destination: Path) -> None:
-        replace_folder(self.folder, destination)
+        copy_policy(self.folder, destination)
 
     # --- checkpoints: the history, and the best policy folder inside the checkpoint ----------------
     def state(self) -> dict:
@@ -101,7 +92,7 @@ class PolicySelector:
         if not (saved / "model.safetensors").is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint_folder} records a validated policy (step {step}) "
                                     f"but holds no validated_policy/model.safetensors")
-        replace_folder(saved, self.folder)  # the run's own copy may be newer than the checkpoint
+        copy_policy(saved, self.folder)  # the run's own copy may be newer than the checkpoint
         self.best_weights = ray.put(load_file(str(self.folder / "model.safetensors")))
 
     def save_into(self, checkpoint_folder: Path) -> None:

@@ -131,7 +131,7 @@ class LearnerEngine:
             if demo_parts is not None and len(demo_parts[i]):
                 images, instructions, tokens, proprio = demo_batch
                 part = demo_parts[i]
-                bc = sft_batch_loss(self.policy, images[part], [instructions[i] for i in part], tokens[part],
+                bc = sft_batch_loss(self.policy, images[part], [instructions[j] for j in part], tokens[part],
                                     None if proprio is None else proprio[part])
                 loss = loss + self.cfg.demo_bc_coef * bc
                 demo_losses.append(float(bc.detach()))

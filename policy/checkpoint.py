@@ -101,6 +101,13 @@ def save_policy(policy: VLAPolicy, folder: str | Path) -> Path:
     policy.tokenizer.save_pretrained(str(tmp))
     policy.image_processor.save(tmp)
     (tmp / "dataset_statistics.json").write_text(json.dumps(policy.norm_stats, indent=2))
+    install_folder(tmp, folder)
+    return folder
+
+
+def install_folder(tmp: Path, folder: Path) -> None:
+    """Put the complete folder `tmp` in place of `folder`: the old one is renamed aside first and
+    removed only once the new one is there, so a crash never leaves neither."""
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -109,6 +116,15 @@ def save_policy(policy: VLAPolicy, folder: str | Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, folder)
+
+
+def copy_policy(source: str | Path, folder: str | Path) -> Path:
+    """A copy of the policy folder `source` at `folder`, replacing it whole (as save_policy does)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    install_folder(tmp, folder)
     return folder
 
 
