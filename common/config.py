@@ -164,6 +164,13 @@ class LearnerConfig(Section):
         "action tokens), added to every GRPO mini-batch's loss, as DAPG does; 0 = off, the paper's pure GRPO")
     demo_bc_batch_size: int = Field(16, gt=0, description="demonstration samples in each mini-batch's BC term, per "
                                     "learner rank (each rank draws its own)")
+    success_replay_coef: float = Field(
+        0.0, ge=0, description="weight of a self-imitation term: cross-entropy on action chunks of earlier successful "
+        "GRPO trajectories (tasks drawn uniformly), added to every mini-batch's loss; 0 = off, the paper's pure GRPO")
+    success_replay_batch_size: int = Field(16, gt=0, description="replayed chunks in each mini-batch's "
+                                           "success_replay term, per learner rank")
+    success_replay_capacity: int = Field(64, gt=0, description="successful trajectories kept per task (per learner "
+                                         "rank, the latest)")
 
     @model_validator(mode="after")
     def _micro_divides_mini(self):

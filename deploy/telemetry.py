@@ -29,6 +29,9 @@ GAUGES = {
     "time/rollout_s": ("vla_rollout_seconds", "seconds of rollout in the step"),
     "time/train_s": ("vla_train_seconds", "seconds of learner time in the step"),
     "train/demo_bc_loss": ("vla_demo_bc_loss", "behaviour-cloning loss on the SFT demos (learner.demo_bc_coef)"),
+    "train/success_replay_loss": ("vla_success_replay_loss", "cross-entropy on replayed successful chunks "
+                                  "(learner.success_replay_coef)"),
+    "train/success_replay_size": ("vla_success_replay_trajectories", "successful trajectories in rank 0's replay"),
     "eval/success_rate": ("vla_eval_success_rate_ratio", "greedy success on held-out initial states"),
     "eval/validation_success": ("vla_validation_success_ratio", "greedy success on the validation (train) states"),
     "eval/best_step": ("vla_best_validated_step", "RL step of the best validated policy so far"),

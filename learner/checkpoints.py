@@ -1,7 +1,8 @@
 """Run checkpoints with full resume state, written atomically.
 
     checkpoints/step_000010/
-        learner/        DeepSpeed checkpoint of every rank (weights, optimizer, torch RNG)
+        learner/        DeepSpeed checkpoint of every rank (weights, optimizer), each rank's RNG
+                        (rng_rank{r}.pt) and, with learner.success_replay_coef, replay buffer
         policy/         HF-layout policy folder (servable on its own)
         surplus/        dynamic-sampling surplus trajectories (npz, no pickle)
         validated_policy/  the best validated policy so far (eval.validate_every), when set

@@ -71,11 +71,15 @@ def grpo_batch_loss(policy: VLAPolicy, trajs: list[Trajectory], advantages: np.n
 
 
 def sft_batch_loss(policy: VLAPolicy, images: np.ndarray, instructions: list[str], tokens: np.ndarray,
-                   proprio=None) -> torch.Tensor:
-    """Cross-entropy on action tokens; images [N, H, W, 3], tokens [N, A] action ids."""
+                   proprio=None, mask: np.ndarray | None = None) -> torch.Tensor:
+    """Cross-entropy on action tokens; images [N, H, W, 3], tokens [N, A] action ids, mask [N, A]
+    (1 = a target; all by default)."""
     logits = policy.action_logits(images, instructions, proprio)
-    target = torch.as_tensor(tokens, device=logits.device) - policy.action_tokenizer.first_id  # [N, A]
-    return sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
+    # np.array copies: arrays read from the object store are read-only, which torch warns about
+    target = torch.from_numpy(np.array(tokens, dtype=np.int64)).to(logits.device) - policy.action_tokenizer.first_id
+    weights = (torch.ones_like(target, dtype=torch.float32) if mask is None
+               else torch.from_numpy(np.array(mask, dtype=np.float32)).to(logits.device))  # [N, A]
+    return sft_loss(logits, target, weights)
 
 
 class LearnerEngine:
@@ -116,25 +120,28 @@ class LearnerEngine:
         return [logp[i, : t.tokens.size].reshape(t.tokens.shape).float().numpy() for i, t in enumerate(trajs)]
 
     def grpo_minibatch(self, trajs: list[Trajectory], advantages: np.ndarray, temperature: float, old_logprobs=None,
-                       demo_batch: tuple | None = None) -> StepStats:
-        """One optimiser step over this rank's slice of a mini-batch (micro-batched). `demo_batch`
-        (images, instructions, tokens, proprio), split over the micro-batches, adds
-        learner.demo_bc_coef x its action-token cross-entropy to the loss."""
+                       bc_terms: list[tuple[str, float, tuple]] = ()) -> StepStats:
+        """One optimiser step over this rank's slice of a mini-batch (micro-batched). Each of
+        `bc_terms` (name, coef, (images, instructions, tokens, proprio, mask or None)), split over the
+        micro-batches, adds coef x its action-token cross-entropy to the loss, logged as `{name}_loss`
+        (learner.demo_bc_coef, learner.success_replay_coef)."""
         totals: dict[str, float] = {}
-        n_micro, demo_losses = 0, []
+        n_micro, bc_losses = 0, {name: [] for name, _, _ in bc_terms}
         starts = range(0, len(trajs), self.micro_batch)
-        demo_parts = np.array_split(np.arange(len(demo_batch[0])), len(starts)) if demo_batch is not None else None
+        parts = [np.array_split(np.arange(len(batch[0])), len(starts)) for _, _, batch in bc_terms]
         for i, start in enumerate(starts):
             sl = slice(start, start + self.micro_batch)
             loss, stats = grpo_batch_loss(self.policy, trajs[sl], advantages[sl], temperature, self.cfg,
                                           None if old_logprobs is None else old_logprobs[sl])
-            if demo_parts is not None and len(demo_parts[i]):
-                images, instructions, tokens, proprio = demo_batch
-                part = demo_parts[i]
+            for (name, coef, batch), term_parts in zip(bc_terms, parts):
+                part = term_parts[i]
+                if not len(part):
+                    continue
+                images, instructions, tokens, proprio, mask = batch
                 bc = sft_batch_loss(self.policy, images[part], [instructions[j] for j in part], tokens[part],
-                                    None if proprio is None else proprio[part])
-                loss = loss + self.cfg.demo_bc_coef * bc
-                demo_losses.append(float(bc.detach()))
+                                    None if proprio is None else proprio[part], None if mask is None else mask[part])
+                loss = loss + coef * bc
+                bc_losses[name].append(float(bc.detach()))
             self.engine.backward(loss)
             self.engine.step()
             stats["loss"] = float(loss.detach())
@@ -142,8 +149,7 @@ class LearnerEngine:
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_micro += 1
         means = {k: v / n_micro for k, v in totals.items()}
-        if demo_losses:
-            means["demo_bc_loss"] = float(np.mean(demo_losses))
+        means.update({f"{name}_loss": float(np.mean(v)) for name, v in bc_losses.items() if v})
         return StepStats(loss=means.pop("loss"), grad_norm=self._grad_norm(), extra=means)
 
     # --- SFT --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 
 from common.config import RunConfig
 from common.records import Trajectory
+from learner.success_replay import SuccessReplay
 from learner.weight_average import WeightAverage
 
 
@@ -34,7 +35,8 @@ class LearnerWorker:
         self.engine = None
         self.ema: WeightAverage | None = None  # learner.ema_decay
         self.demos = None  # learner.demo_bc_coef: DemoSamples
-        self.demo_rng = np.random.default_rng(cfg.seed + rank)
+        self.replay: SuccessReplay | None = None  # learner.success_replay_coef
+        self.bc_rng = np.random.default_rng(cfg.seed + rank)
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -65,6 +67,8 @@ class LearnerWorker:
                 self.demos = demos
                 if not self.policy.uses_proprio:
                     self.demos.proprio = None
+            if lc.success_replay_coef > 0:
+                self.replay = SuccessReplay(lc.success_replay_capacity)
         return sum(p.numel() for p in self.policy.model.parameters())
 
     def grpo_step(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray, lr: float | None = None) -> dict:
@@ -81,15 +85,25 @@ class LearnerWorker:
                 old = None
                 if lc.recompute_old_logprobs:
                     old = self.engine.recompute_logprobs(trajs, self.cfg.rollout.temperature)
-                demo_batch = None
+                bc_terms = []
                 if self.demos is not None:
-                    demo_batch = self.demos.batch(lc.demo_bc_batch_size, self.policy.stats, self.policy.action_tokenizer,
-                                                  self.demo_rng)
-                s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, old, demo_batch)
+                    demo = self.demos.batch(lc.demo_bc_batch_size, self.policy.stats, self.policy.action_tokenizer,
+                                            self.bc_rng)
+                    bc_terms.append(("demo_bc", lc.demo_bc_coef, (*demo, None)))
+                if self.replay is not None:  # successes of earlier mini-batches only
+                    replayed = self.replay.batch(lc.success_replay_batch_size, self.bc_rng)
+                    if replayed is not None:
+                        bc_terms.append(("success_replay", lc.success_replay_coef, replayed))
+                s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, old, bc_terms)
+                if self.replay is not None:
+                    self.replay.add(trajs)
                 stats.append({"loss": s.loss, "grad_norm": s.grad_norm, **s.extra})
         if self.ema is not None:
             self.ema.update(self.policy.model)
-        return {**{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "lr": self.engine.lr}
+        out = {k: float(np.mean([s[k] for s in stats if k in s])) for k in dict.fromkeys(k for s in stats for k in s)}
+        if self.replay is not None:
+            out["success_replay_size"] = float(len(self.replay))
+        return {**out, "lr": self.engine.lr}
 
     def sft_step(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio=None) -> dict:
         sl = slice(self.rank, None, self.world_size)
@@ -109,22 +123,34 @@ class LearnerWorker:
                 save_policy(self.policy, folder)
 
     def save_state(self, folder: str, client_state: dict) -> None:
-        client_state = dict(client_state, torch_rng=torch.get_rng_state(), demo_rng=self.demo_rng.bit_generator.state)
         self.engine.save(folder, client_state)
+        # per rank: DeepSpeed writes client_state from rank 0 only, and every rank loads that copy
+        torch.save({"torch_rng": torch.get_rng_state(), "bc_rng": self.bc_rng.bit_generator.state},
+                   Path(folder) / f"rng_rank{self.rank}.pt")
         if self.ema is not None and self.rank == 0:  # every rank holds the same average
             self.ema.save(Path(folder) / "ema.safetensors")
+        if self.replay is not None:  # every rank keeps the successes of its own slices
+            self.replay.save(Path(folder) / f"success_replay_rank{self.rank}")
 
     def load_state(self, folder: str) -> dict:
         state = self.engine.load(folder)
-        if "torch_rng" in state:
-            torch.set_rng_state(state.pop("torch_rng"))
-        if "demo_rng" in state:
-            self.demo_rng.bit_generator.state = state.pop("demo_rng")
+        legacy = {"torch_rng": state.pop("torch_rng", None), "bc_rng": state.pop("demo_rng", None)}  # rank 0's, older checkpoints
+        path = Path(folder) / f"rng_rank{self.rank}.pt"
+        rng = torch.load(path, weights_only=False) if path.is_file() else legacy
+        if rng["torch_rng"] is not None:
+            torch.set_rng_state(rng["torch_rng"])
+        if rng["bc_rng"] is not None:
+            self.bc_rng.bit_generator.state = rng["bc_rng"]
         if self.ema is not None:
             path = Path(folder) / "ema.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"learner.ema_decay is set but the checkpoint {folder} holds no ema.safetensors")
             self.ema.load(path)
+        if self.replay is not None:
+            path = Path(folder) / f"success_replay_rank{self.rank}"
+            if not path.is_dir():
+                raise FileNotFoundError(f"learner.success_replay_coef is set but the checkpoint {folder} holds no {path.name}")
+            self.replay.load(path)
         return state
 
 

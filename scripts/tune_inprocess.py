@@ -33,6 +33,7 @@ from learner.engine import grpo_batch_loss, sft_batch_loss  # noqa: E402
 from learner.grpo import group_advantages, keep_group  # noqa: E402
 from learner.lr_schedule import run_progress, scheduled_lr  # noqa: E402
 from learner.sft_data import DemoSamples, build_sft_samples, sft_batch  # noqa: E402
+from learner.success_replay import SuccessReplay  # noqa: E402
 from learner.weight_average import WeightAverage  # noqa: E402
 from policy.action_tokenizer import postprocess_gripper  # noqa: E402
 from policy.checkpoint import initial_policy  # noqa: E402
@@ -162,7 +163,13 @@ class Loop:
                                           cfg.learner)
                 if cfg.learner.demo_bc_coef > 0:
                     loss = loss + cfg.learner.demo_bc_coef * self.demo_bc_loss()
+                if self.replay is not None:  # as the learner: successes of earlier mini-batches only
+                    replayed = self.replay.batch(cfg.learner.success_replay_batch_size, self.rng)
+                    if replayed is not None:
+                        loss = loss + cfg.learner.success_replay_coef * sft_batch_loss(self.policy, *replayed)
                 self._step(opt, loss)
+                if self.replay is not None:
+                    self.replay.add([trajs[i] for i in sel])
 
     def grpo(self, seconds: float) -> list[float]:
         """GRPO iterations until `seconds` pass; returns the rollout success of each iteration."""
@@ -171,6 +178,8 @@ class Loop:
         pairs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, "train")]
         sampler = make_sampler(pairs, cfg.seed, cfg.rollout)  # as the coordinator
         self.ema = None if cfg.learner.ema_decay is None else WeightAverage(self.policy.model, cfg.learner.ema_decay)
+        lc = cfg.learner
+        self.replay = SuccessReplay(lc.success_replay_capacity) if lc.success_replay_coef > 0 else None
         opt, surplus, history = self._optimizer(cfg.learner.lr), [], []
         self.validations, self.best = [], None  # eval.validate_every: (iteration, success), (success, weights)
         start = time.time()

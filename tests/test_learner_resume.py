@@ -23,30 +23,38 @@ def _batch(seed: int, n: int = 8) -> list[Trajectory]:
                               images=rng.integers(0, 256, (T, 64, 64, 3), dtype=np.uint8),
                               tokens=rng.integers(31744, 32000, (T, 8, 7)),
                               logprobs=rng.uniform(-6.5, -4.5, (T, 8, 7)).astype(np.float32),
-                              executed=executed, success=bool(i % 2), env_steps=int(executed.sum()), policy_version=0))
+                              executed=executed, success=i % 4 < 2, env_steps=int(executed.sum()), policy_version=0))
     return out
 
 
-def _run_steps(group, batches):
+def _run_steps(group, batches, stats_seen=None):
     losses = []
     for trajs in batches:
         refs = [ray.put(t) for t in trajs]
         adv = np.array([1.0 if t.success else -1.0 for t in trajs], dtype=np.float32)
         stats = ray.get(group.grpo_step_async(refs, adv, np.arange(len(refs))))[0]
         losses.append(stats["loss"])
+        if stats_seen is not None:
+            stats_seen.append(stats)
     return losses
 
 
-def test_killed_learner_resumes_with_identical_losses(ray_cluster, tiny_policy_dir, tmp_path):
+@pytest.mark.parametrize("replay", [False, True], ids=["grpo", "success_replay"])
+def test_killed_learner_resumes_with_identical_losses(ray_cluster, tiny_policy_dir, tmp_path, replay):
     from learner.group import LearnerGroup
 
-    cfg = load_config(ROOT / "configs/tiny.yaml", [f"run_dir={tmp_path}", "learner.lr=0.001"])
+    extra = ["learner.success_replay_coef=0.5", "learner.success_replay_batch_size=4"] if replay else []
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"run_dir={tmp_path}", "learner.lr=0.001", *extra])
     batches = [_batch(s) for s in range(4)]
 
     straight = LearnerGroup(cfg)
     straight.setup(tiny_policy_dir, "grpo", seed=0)
-    expected = _run_steps(straight, batches)
+    seen: list[dict] = []
+    expected = _run_steps(straight, batches, seen)
     straight.shutdown()
+    if replay:  # rank 0 keeps the 2 successes of its half of every batch and replays them from the next step on
+        assert "success_replay_loss" not in seen[0] and all(s["success_replay_loss"] > 0 for s in seen[1:])
+        assert [s["success_replay_size"] for s in seen] == [2, 4, 6, 8]
 
     first = LearnerGroup(cfg)
     first.setup(tiny_policy_dir, "grpo", seed=0)
