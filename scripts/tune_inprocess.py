@@ -178,8 +178,7 @@ class Loop:
         pairs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, "train")]
         sampler = make_sampler(pairs, cfg.seed, cfg.rollout)  # as the coordinator
         self.ema = None if cfg.learner.ema_decay is None else WeightAverage(self.policy.model, cfg.learner.ema_decay)
-        lc = cfg.learner
-        self.replay = SuccessReplay(lc.success_replay_capacity) if lc.success_replay_coef > 0 else None
+        self.replay = SuccessReplay(cfg.learner.success_replay_capacity) if cfg.learner.success_replay_coef > 0 else None
         opt, surplus, history = self._optimizer(cfg.learner.lr), [], []
         self.validations, self.best = [], None  # eval.validate_every: (iteration, success), (success, weights)
         start = time.time()
