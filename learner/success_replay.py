@@ -17,6 +17,7 @@ import numpy as np
 
 from common.records import Trajectory
 from learner.checkpoints import load_trajectories, save_trajectories
+from learner.grpo import token_mask
 
 
 class SuccessReplay:
@@ -52,7 +53,7 @@ class SuccessReplay:
         dims = picks[0][0].tokens.shape[-1]
         images = np.stack([t.images[c] for t, c in picks])
         tokens = np.stack([t.tokens[c].reshape(-1) for t, c in picks])
-        mask = np.stack([np.repeat(t.executed[c], dims) for t, c in picks]).astype(np.float32)
+        mask = token_mask(np.stack([t.executed[c] for t, c in picks]), dims).numpy()  # the GRPO loss's token order
         proprio = None if picks[0][0].proprio is None else np.stack([t.proprio[c] for t, c in picks]).astype(np.float32)
         return images, [t.instruction for t, _ in picks], tokens, proprio, mask
 
