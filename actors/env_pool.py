@@ -64,7 +64,8 @@ class EnvWorkerPool:
         opts = {"num_cpus": self.cluster_cfg.env_worker_cpus, "max_concurrency": self.cluster_cfg.envs_per_worker + 4}
         if "sim" in self.cluster_cfg.resources:
             opts["resources"] = {self.cluster_cfg.resources["sim"]: 0.001}
-        return EnvWorker.options(**opts).remote(self.env_cfg, self.cluster_cfg.envs_per_worker, self.app_name)
+        return EnvWorker.options(**opts).remote(self.env_cfg, self.cluster_cfg.envs_per_worker, self.app_name,
+                                                batch_max_wait_s=self.cluster_cfg.worker_batch_wait_ms / 1000.0)
 
     @property
     def num_slots(self) -> int:

@@ -227,6 +227,10 @@ class ClusterConfig(Section):
     inference_batch_wait_ms: float = Field(
         5.0, ge=0, description="how long a replica waits to fill a batch; longer = bigger batches, more latency"
     )
+    worker_batch_wait_ms: float = Field(
+        50.0, ge=0, description="longest an env worker holds a waiting env's observation for its other envs' "
+        "(it sends as soon as every env in an episode waits); one policy request per worker round"
+    )
     learner_cpus: float = Field(1.0, ge=0)
     learner_gpus: float = Field(0.0, ge=0)
     comm_backend: Literal["gloo", "nccl"] = "gloo"

@@ -3,7 +3,8 @@
 Each `run_episode` call takes a free env slot, loops observation -> policy service -> action
 chunk -> env steps until the episode ends, and gives the slot back at once, so a finished env
 never waits for the others (no lock-step padding to the step limit, no inference for finished
-envs). Concurrency = number of slots; further calls queue on the actor.
+envs). Concurrency = number of slots; further calls queue on the actor. The observations of the
+worker's envs that wait for actions go to the policy service in one request (action_batcher.py).
 
 Every env call runs on the worker's one sim thread under a deadline: GL contexts are bound to the
 thread that made them, and software GL (llvmpipe) crashes when several threads of one process
@@ -22,6 +23,7 @@ import ray
 
 from common.config import EnvConfig
 from common.records import ChunkResult, Trajectory
+from env_workers.action_batcher import ActionBatcher
 from policy.action_tokenizer import postprocess_gripper
 
 GRIPPER = {"tabletop": dict(binarize=True, invert=False), "maniskill": dict(binarize=False, invert=False)}
@@ -35,10 +37,6 @@ def to_env_actions(backend: str, actions: np.ndarray) -> np.ndarray:
 
         return openvla_to_libero(actions)
     return postprocess_gripper(actions, **GRIPPER[backend])
-
-
-async def _resolve(response):
-    return await response
 
 
 class EnvTimeout(RuntimeError):
@@ -80,13 +78,16 @@ class EnvSlot:
 
 @ray.remote
 class EnvWorker:
-    def __init__(self, env_cfg: EnvConfig, num_envs: int, app_name: str, policy_timeout_s: float = 60.0):
+    def __init__(self, env_cfg: EnvConfig, num_envs: int, app_name: str, policy_timeout_s: float = 60.0,
+                 batch_max_wait_s: float = 0.05):
         import torch
 
         torch.set_num_threads(1)
         self.env_cfg = env_cfg
         self.app_name = app_name
         self.policy_timeout_s = policy_timeout_s
+        self.batch_max_wait_s = batch_max_wait_s
+        self.batcher: ActionBatcher | None = None
         self.num_envs = num_envs
         self._build_slots()
         self.free: asyncio.Queue | None = None
@@ -119,6 +120,11 @@ class EnvWorker:
             for slot in self.slots:
                 self.free.put_nowait(slot)
             self.handle = serve.get_deployment_handle("Policy", app_name=self.app_name)
+        if self.batcher is None:  # one for the worker's life: it counts episodes across slot rebuilds
+            self.batcher = ActionBatcher(self._send, self.batch_max_wait_s, self.policy_timeout_s)
+
+    async def _send(self, observations, temperature: float, greedy: bool):
+        return await self.handle.act_many.remote(observations, temperature, greedy)
 
     @ray.method(num_returns=2)
     async def run_episode(self, task: str, init_state: int, temperature: float, greedy: bool, record_video: bool = False):
@@ -127,6 +133,8 @@ class EnvWorker:
         self._lazy_init()
         free = self.free
         slot = await free.get()
+        batcher = self.batcher
+        batcher.episode_started()
         try:
             return await self._episode(slot, task, init_state, temperature, greedy, record_video)
         except EnvTimeout:
@@ -135,6 +143,7 @@ class EnvWorker:
                 self._build_slots()
             raise
         finally:
+            batcher.episode_ended()
             free.put_nowait(slot)
 
     async def _episode(self, slot: EnvSlot, task, init_state, temperature, greedy, record_video):
@@ -143,8 +152,7 @@ class EnvWorker:
         images, tokens, logprobs, executed, versions, frames, proprio = [], [], [], [], [], [], []
         steps, success, done = 0, False, False
         while not done:
-            response = self.handle.act.remote(obs, temperature, greedy)
-            chunk = await asyncio.wait_for(_resolve(response), timeout=self.policy_timeout_s)
+            chunk = await self.batcher.act(obs, temperature, greedy)  # deadline: policy_timeout_s
             images.append(obs.image)
             proprio.append(obs.proprio)
             tokens.append(chunk.tokens)
@@ -179,7 +187,7 @@ class EnvWorker:
             done, useful, queries, offered = [False] * len(slots), 0, 0, 0
             limit = max(self.env_cfg.step_limit(t) for t, _ in requests)
             while offered < limit:  # one policy query per env per chunk, up to the longest limit
-                chunks = await asyncio.gather(*[_resolve(self.handle.act.remote(o, temperature, False)) for o in obs])
+                chunks = await asyncio.wait_for(self._send(obs, temperature, False), timeout=self.policy_timeout_s)
                 queries += len(chunks)
                 offered += len(chunks[0].actions)
                 for j, (slot, chunk) in enumerate(zip(slots, chunks)):

@@ -2,7 +2,8 @@
 
     python scripts/bench_rollout.py [configs/demo.yaml] [--rounds N] [key=value ...]
 
-Prints env steps/s, mean inference batch size and queue depth for both modes and their ratio;
+Prints env steps/s, mean inference batch size, queue depth and the machine's CPU time per env step
+(all processes; run it alone) for both modes and their ratio;
 writes run_dir/bench_rollout.json. The policy is `policy.path` if set (e.g. runs/demo/rl_policy),
 else a random one of the configured size. A random policy never succeeds, so every episode runs to
 the step limit and lock-step wastes nothing (it even batches better); the gap in our favour grows
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,6 +27,12 @@ from deploy.runtime import Rollout, init_ray  # noqa: E402
 from policy.checkpoint import build_policy, save_policy  # noqa: E402
 
 ROUNDS = 8  # rounds of one episode per env slot, per mode
+
+
+def _busy(times) -> float:
+    # guest time is already inside user/nice on Linux
+    skip = ("idle", "iowait", "guest", "guest_nice")
+    return sum(getattr(times, f) for f in times._fields if f not in skip)
 
 
 def main() -> None:
@@ -50,6 +58,7 @@ def main() -> None:
         rollout.pool.run_all([Episode(t, s, cfg.rollout.temperature, False) for t, s in requests[:2]], 600)  # warm-up
         for mode in ("ours", "lockstep"):
             before = rollout.handle.stats.remote().result(timeout_s=60)
+            cpu_before = psutil.cpu_times()
             start = time.perf_counter()
             if mode == "ours":
                 done = rollout.pool.run_all([Episode(t, s, cfg.rollout.temperature, False) for t, s in requests * rounds], 1800)
@@ -62,11 +71,16 @@ def main() -> None:
                     out += ray.get([w.run_lockstep.remote(sh, cfg.rollout.temperature) for w, sh in zip(rollout.pool.workers, shards)])
                 steps = sum(o["env_steps"] for o in out)
             seconds = time.perf_counter() - start
+            cpu_after = psutil.cpu_times()
+            # whole machine, all but idle (Ray's workers run niced: their time counts as `nice`, not `user`)
+            busy = _busy(cpu_after) - _busy(cpu_before)
             after = rollout.handle.stats.remote().result(timeout_s=60)
             batches = max(after["batches"] - before["batches"], 1)
             results[mode] = {"env_steps": steps, "seconds": seconds, "env_steps_per_s": steps / seconds,
                              "mean_inference_batch": (after["served"] - before["served"]) / batches,
-                             "queue_depth": ray.get(rollout.queue.size.remote())}
+                             "queue_depth": ray.get(rollout.queue.size.remote()),
+                             "cpu_ms_per_env_step": 1000 * busy / max(steps, 1),
+                             "cpu_busy_fraction": busy / seconds / psutil.cpu_count()}
     finally:
         rollout.shutdown()
     results["rounds"] = rounds
@@ -74,7 +88,8 @@ def main() -> None:
     for mode in ("ours", "lockstep"):
         r = results[mode]
         print(f"{mode:>9}: {r['env_steps_per_s']:7.1f} env steps/s  mean inference batch {r['mean_inference_batch']:5.2f}  "
-              f"queue depth {r['queue_depth']}  ({r['env_steps']} steps in {r['seconds']:.1f}s)")
+              f"queue depth {r['queue_depth']}  CPU {r['cpu_ms_per_env_step']:.2f} ms/env step, "
+              f"{100 * r['cpu_busy_fraction']:.0f} % busy  ({r['env_steps']} steps in {r['seconds']:.1f}s)")
     print(f"ratio ours / lock-step: {results['ratio_ours_over_lockstep']:.2f}x")
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run_dir) / "bench_rollout.json").write_text(json.dumps(results, indent=2))

@@ -1,8 +1,9 @@
 """The policy inference service: a Ray Serve deployment with dynamic batching across every env
 worker, versioned weights, and an atomic hot-swap between batches.
 
-Env workers send one observation per request; `@serve.batch` groups concurrent requests into
-one forward pass. Sampling (training) and greedy (eval) requests can share a batch window; they
+Env workers send the observations of their envs that wait for actions in one request (`act_many`,
+env_workers/action_batcher.py); `@serve.batch` groups concurrent requests of all workers into one
+forward pass. Sampling (training) and greedy (eval) requests can share a batch window; they
 are decoded separately. `set_weights` runs on the replica's event loop like the batch handler,
 so a swap can never interleave with a forward pass: a batch sees one version, whole.
 """
@@ -51,26 +52,32 @@ class PolicyDeployment:
         self.batches = 0
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def act_batch(self, requests: list[tuple[Observation, float, bool]]) -> list[ActionChunk]:
+    async def act_batch(self, requests: list[tuple[list[Observation], float, bool]]) -> list[list[ActionChunk]]:
+        """Each request carries one env worker's waiting observations; all requests of the batch
+        window share one forward pass per (greedy, temperature)."""
         start = time.perf_counter()
-        out: list[ActionChunk | None] = [None] * len(requests)
-        for greedy in (True, False):
-            idx = [i for i, r in enumerate(requests) if r[2] == greedy]
-            if not idx:
-                continue
-            temperature = requests[idx[0]][1]
-            chunks = self.policy.act([requests[i][0] for i in idx], temperature=temperature, greedy=greedy,
+        flat = [(r, j) for r, (observations, _, _) in enumerate(requests) for j in range(len(observations))]
+        out: list[list[ActionChunk | None]] = [[None] * len(observations) for observations, _, _ in requests]
+        modes = sorted({(greedy, temperature) for _, temperature, greedy in requests})
+        for greedy, temperature in modes:
+            idx = [(r, j) for r, j in flat if requests[r][2] == greedy and requests[r][1] == temperature]
+            chunks = self.policy.act([requests[r][0][j] for r, j in idx], temperature=temperature, greedy=greedy,
                                      version=self.version, generator=self.generator)
-            for i, c in zip(idx, chunks):
-                out[i] = c
-        self.batch_size_hist.observe(len(requests))
+            for (r, j), c in zip(idx, chunks):
+                out[r][j] = c
+        self.batch_size_hist.observe(len(flat))
         self.latency_hist.observe(time.perf_counter() - start)
-        self.served += len(requests)
+        self.served += len(flat)
         self.batches += 1
         return out
 
+    async def act_many(self, observations: list[Observation], temperature: float = 1.6,
+                       greedy: bool = False) -> list[ActionChunk]:
+        """One chunk per observation, in order (an env worker's batch of waiting envs)."""
+        return await self.act_batch((list(observations), temperature, greedy))
+
     async def act(self, observation: Observation, temperature: float = 1.6, greedy: bool = False) -> ActionChunk:
-        return await self.act_batch((observation, temperature, greedy))
+        return (await self.act_batch(([observation], temperature, greedy)))[0]
 
     async def set_weights(self, version: int, state_ref_holder: list) -> int:
         """Swap to `version`. The state dict arrives by object-store ref (wrapped in a list so Serve
