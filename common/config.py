@@ -223,7 +223,10 @@ class ClusterConfig(Section):
     env_worker_cpus: float = Field(1.0, ge=0)
     replica_cpus: float = Field(1.0, ge=0)
     replica_gpus: float = Field(0.0, ge=0)
-    inference_max_batch: int = Field(64, gt=0, description="@serve.batch max_batch_size of the policy service")
+    inference_max_batch: int = Field(
+        64, gt=0, description="@serve.batch max_batch_size of the policy service: requests per forward pass, "
+        "each carrying one env worker's waiting envs (at most envs_per_worker observations)"
+    )
     inference_batch_wait_ms: float = Field(
         5.0, ge=0, description="how long a replica waits to fill a batch; longer = bigger batches, more latency"
     )
