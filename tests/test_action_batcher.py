@@ -29,6 +29,10 @@ class FakeService:
                             actions=np.zeros((1, 7), np.float32), policy_version=3) for o in observations]
 
 
+def batcher_for(service: FakeService, max_wait_s: float = 5.0, timeout_s: float = 5.0) -> ActionBatcher:
+    return ActionBatcher(service.send, max_wait_s=max_wait_s, timeout_s=timeout_s)
+
+
 def obs(value: int) -> Observation:
     return Observation(image=np.full((2, 2, 3), value, np.uint8), instruction="x")
 
@@ -49,7 +53,7 @@ async def env(batcher: ActionBatcher, value: int, rounds: int, greedy: bool = Fa
 def test_one_request_per_round_and_answers_reach_their_env():
     async def main():
         service = FakeService()
-        batcher = ActionBatcher(service.send, max_wait_s=5.0, timeout_s=5.0)
+        batcher = batcher_for(service)
         got = await asyncio.gather(*[env(batcher, v, rounds=3) for v in (10, 20, 30)])
         return service, batcher, got
 
@@ -63,7 +67,7 @@ def test_one_request_per_round_and_answers_reach_their_env():
 def test_a_finished_env_is_not_waited_for():
     async def main():
         service = FakeService()
-        batcher = ActionBatcher(service.send, max_wait_s=5.0, timeout_s=5.0)
+        batcher = batcher_for(service)
         loop = asyncio.get_running_loop()
         start = loop.time()
         got = await asyncio.gather(env(batcher, 1, rounds=1), env(batcher, 2, rounds=4))
@@ -78,7 +82,7 @@ def test_a_finished_env_is_not_waited_for():
 def test_an_env_still_stepping_is_waited_for_at_most_max_wait():
     async def main():
         service = FakeService()
-        batcher = ActionBatcher(service.send, max_wait_s=0.05, timeout_s=5.0)
+        batcher = batcher_for(service, max_wait_s=0.05)
         loop = asyncio.get_running_loop()
         start = loop.time()
         # env 2 steps for 1 s before it asks: env 1 must not wait for it longer than max_wait
@@ -97,9 +101,8 @@ def test_an_env_still_stepping_is_waited_for_at_most_max_wait():
 def test_sampling_and_greedy_never_share_a_request():
     async def main():
         service = FakeService()
-        batcher = ActionBatcher(service.send, max_wait_s=5.0, timeout_s=5.0)
-        got = await asyncio.gather(env(batcher, 1, 1, greedy=True), env(batcher, 2, 1), env(batcher, 3, 1, greedy=True))
-        return service, got
+        batcher = batcher_for(service)
+        return service, await asyncio.gather(env(batcher, 1, 1, greedy=True), env(batcher, 2, 1), env(batcher, 3, 1, greedy=True))
 
     service, got = asyncio.run(main())
     assert got == [[1], [2], [3]]
@@ -108,7 +111,7 @@ def test_sampling_and_greedy_never_share_a_request():
 
 def test_a_failed_request_reaches_every_waiter():
     async def main():
-        batcher = ActionBatcher(FakeService(fail=True).send, max_wait_s=5.0, timeout_s=5.0)
+        batcher = batcher_for(FakeService(fail=True))
         results = await asyncio.gather(env(batcher, 1, 1), env(batcher, 2, 1), return_exceptions=True)
         return batcher, results
 
@@ -119,7 +122,7 @@ def test_a_failed_request_reaches_every_waiter():
 
 def test_a_hung_service_hits_the_deadline():
     async def main():
-        batcher = ActionBatcher(FakeService(delay_s=10.0).send, max_wait_s=0.01, timeout_s=0.2)
+        batcher = batcher_for(FakeService(delay_s=10.0), max_wait_s=0.01, timeout_s=0.2)
         return await env(batcher, 1, 1)
 
     with pytest.raises(asyncio.TimeoutError):
