@@ -27,7 +27,7 @@ class ActionBatcher:
         self.producing = 0  # envs in an episode that are resetting or stepping (will ask for actions soon)
         self.pending: list[tuple[Observation, float, bool, asyncio.Future]] = []
         self.timer: asyncio.TimerHandle | None = None
-        self.requests = 0  # requests sent (for the benchmark and tests)
+        self.requests = 0  # requests sent (read by tests)
 
     def episode_started(self) -> None:
         self.producing += 1

@@ -133,8 +133,7 @@ class EnvWorker:
         self._lazy_init()
         free = self.free
         slot = await free.get()
-        batcher = self.batcher
-        batcher.episode_started()
+        self.batcher.episode_started()
         try:
             return await self._episode(slot, task, init_state, temperature, greedy, record_video)
         except EnvTimeout:
@@ -143,7 +142,7 @@ class EnvWorker:
                 self._build_slots()
             raise
         finally:
-            batcher.episode_ended()
+            self.batcher.episode_ended()
             free.put_nowait(slot)
 
     async def _episode(self, slot: EnvSlot, task, init_state, temperature, greedy, record_video):

@@ -56,18 +56,19 @@ class PolicyDeployment:
         """Each request carries one env worker's waiting observations; all requests of the batch
         window share one forward pass per (greedy, temperature)."""
         start = time.perf_counter()
-        flat = [(r, j) for r, (observations, _, _) in enumerate(requests) for j in range(len(observations))]
+        modes: dict[tuple[bool, float], list[tuple[int, int]]] = {}  # (greedy, T) -> (request, observation)
+        for r, (observations, temperature, greedy) in enumerate(requests):
+            modes.setdefault((greedy, temperature), []).extend((r, j) for j in range(len(observations)))
         out: list[list[ActionChunk | None]] = [[None] * len(observations) for observations, _, _ in requests]
-        modes = sorted({(greedy, temperature) for _, temperature, greedy in requests})
-        for greedy, temperature in modes:
-            idx = [(r, j) for r, j in flat if requests[r][2] == greedy and requests[r][1] == temperature]
+        for (greedy, temperature), idx in sorted(modes.items()):
             chunks = self.policy.act([requests[r][0][j] for r, j in idx], temperature=temperature, greedy=greedy,
                                      version=self.version, generator=self.generator)
             for (r, j), c in zip(idx, chunks):
                 out[r][j] = c
-        self.batch_size_hist.observe(len(flat))
+        n = sum(len(idx) for idx in modes.values())
+        self.batch_size_hist.observe(n)
         self.latency_hist.observe(time.perf_counter() - start)
-        self.served += len(flat)
+        self.served += n
         self.batches += 1
         return out
 
