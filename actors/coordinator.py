@@ -94,7 +94,7 @@ class RolloutCoordinator:
             del self.open_groups[item["group"]]
             s.groups_done += 1
             kept = keep_group(group.success_rate, self.cfg.min_group_success, self.cfg.max_group_success)
-            self.sampler.observe(group.key[0], group.success_rate)
+            self.sampler.observe(group.key[0], group.success_rate, init_state=group.key[1])
             if kept:
                 self.ready.append(group)
                 s.groups_kept += 1

@@ -11,7 +11,13 @@ loop (scripts/tune_inprocess.py) uses the same samplers as the coordinator.
   sampling instead starves a task that starts near 0 %: in one `make demo` run blue_in_bowl fell
   to the floor within 10 steps and ended at 0 %.)
 
-Both are resumable from a JSON-able `state()`, and told of every finished group (`observe`).
+- `AdaptiveStateSampler` (`adaptive_state`): the task as `adaptive`, then the init state within it
+  in proportion to how much a group there is worth: the chance that it fails and that dynamic
+  sampling keeps it, from the state's own recent groups. A greedy evaluation fails on the states
+  where the sampling policy mostly fails, while cycling gives a state the policy has solved as many
+  groups as one it has not (and those groups are all-success, so they are dropped).
+
+All are resumable from a JSON-able `state()`, and told of every finished group (`observe`).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class InitStateSampler:
         self.position += 1
         return self._order[self.position - 1]
 
-    def observe(self, task: str, success_rate: float) -> None:
+    def observe(self, task: str, success_rate: float, init_state: int | None = None) -> None:
         """Uniform sampling ignores outcomes."""
 
     def weights(self) -> dict[str, float]:
@@ -75,19 +81,17 @@ class AdaptiveTaskSampler:
         total = sum(raw.values())
         return {t: w / total for t, w in raw.items()}
 
-    def next(self) -> tuple[str, int]:
+    def _draw_task(self) -> str:
         # one fresh generator per draw, keyed by the draw count: the state stays a few numbers
         u = random.Random(self.seed * 1_000_003 + self.draws).random()
         self.draws += 1
-        cumulative = 0.0
         weights = self.weights()
-        for task in self.tasks:
-            cumulative += weights[task]
-            if u < cumulative:
-                break
-        return self.cycles[task].next()
+        return _pick(self.tasks, [weights[t] for t in self.tasks], u)
 
-    def observe(self, task: str, success_rate: float) -> None:
+    def next(self) -> tuple[str, int]:
+        return self.cycles[self._draw_task()].next()
+
+    def observe(self, task: str, success_rate: float, init_state: int | None = None) -> None:
         if task in self.failure_rate:
             self.failure_rate[task] += self.ema * (1.0 - success_rate - self.failure_rate[task])
 
@@ -102,8 +106,65 @@ class AdaptiveTaskSampler:
             self.cycles[t].load(s)
 
 
+class AdaptiveStateSampler(AdaptiveTaskSampler):
+    """The task as AdaptiveTaskSampler, then an init state of it with probability proportional to
+    `(1 - p) * (1 - p**G - (1 - p)**G)`: the chance that an episode there fails times the chance
+    that a group of G there is mixed (kept by dynamic sampling). `p` is the state's success rate
+    from its recent groups, counts halved at every new group (`memory`), with half a success and
+    half a failure as prior: an unvisited state has p = 0.5, near the largest weight, so every
+    state is tried early; a state solved in its last group (p ~ 0.94 for G = 8) gets ~0.02, one
+    failed in every episode (~0.06) ~0.35 (a later episode may still succeed)."""
+
+    def __init__(self, pairs: list[tuple[str, int]], seed: int, group_size: int, floor: float = 0.1,
+                 ema: float = 0.25, memory: float = 0.5):
+        super().__init__(pairs, seed, floor=floor, ema=ema)
+        self.group_size, self.memory = group_size, memory
+        self.states = {t: sorted(s for task, s in pairs if task == t) for t in self.tasks}
+        self.counts: dict[tuple[str, int], list[float]] = {}  # (task, state) -> [successes, episodes], decayed
+
+    def state_weight(self, task: str, init_state: int) -> float:
+        successes, episodes = self.counts.get((task, init_state), (0.0, 0.0))
+        p = (successes + 0.5) / (episodes + 1.0)
+        g = self.group_size
+        return (1.0 - p) * (1.0 - p**g - (1.0 - p) ** g)
+
+    def next(self) -> tuple[str, int]:
+        task = self._draw_task()
+        u = random.Random(self.seed * 2_000_003 + self.draws).random()  # its own stream, keyed the same way
+        states = self.states[task]
+        return task, _pick(states, [self.state_weight(task, s) for s in states], u)
+
+    def observe(self, task: str, success_rate: float, init_state: int | None = None) -> None:
+        super().observe(task, success_rate)
+        if init_state is None or task not in self.states:
+            return
+        successes, episodes = self.counts.get((task, init_state), (0.0, 0.0))
+        self.counts[(task, init_state)] = [self.memory * successes + success_rate * self.group_size,
+                                           self.memory * episodes + self.group_size]
+
+    def state(self) -> dict:
+        return {**super().state(), "counts": [[t, s, *c] for (t, s), c in sorted(self.counts.items())]}
+
+    def load(self, state: dict) -> None:
+        super().load(state)
+        self.counts = {(t, s): [succ, eps] for t, s, succ, eps in state["counts"]}
+
+
+def _pick(items: list, weights: list[float], u: float):
+    """The item whose share of the cumulative weights holds u in [0, 1)."""
+    target, cumulative = u * sum(weights), 0.0
+    for item, w in zip(items, weights):
+        cumulative += w
+        if target < cumulative:
+            return item
+    return items[-1]
+
+
 def make_sampler(pairs: list[tuple[str, int]], seed: int, rollout_cfg) -> InitStateSampler | AdaptiveTaskSampler:
     """The sampler `rollout.task_sampling` names."""
+    if rollout_cfg.task_sampling == "adaptive_state":
+        return AdaptiveStateSampler(pairs, seed, rollout_cfg.group_size, floor=rollout_cfg.task_sampling_floor,
+                                    ema=rollout_cfg.task_sampling_ema)
     if rollout_cfg.task_sampling == "adaptive":
         return AdaptiveTaskSampler(pairs, seed, floor=rollout_cfg.task_sampling_floor, ema=rollout_cfg.task_sampling_ema)
     return InitStateSampler(pairs, seed)

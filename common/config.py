@@ -120,9 +120,10 @@ class RolloutConfig(Section):
     max_policy_lag: int = Field(0, ge=0, description="0 = strict on-policy (the paper)")
     keep_surplus: bool = True
     max_rounds: int = Field(50, gt=0, description="rollout rounds per step before giving up on filling the batch")
-    task_sampling: Literal["uniform", "adaptive"] = Field(
+    task_sampling: Literal["uniform", "adaptive", "adaptive_state"] = Field(
         "uniform", description="uniform: cycle every (task, init state) (the paper); adaptive: tasks in proportion "
-        "to their recent rollout failure rate (actors/samplers.py)")
+        "to their recent rollout failure rate; adaptive_state: tasks so, then init states by their own recent groups "
+        "(failing and likely kept by dynamic sampling) (actors/samplers.py)")
     task_sampling_floor: float = Field(0.1, gt=0, le=1, description="adaptive: least weight of a task before normalising")
     task_sampling_ema: float = Field(0.25, gt=0, le=1, description="adaptive: moving-average rate of a task's failure-rate estimate")
     queue_capacity: int = Field(1024, gt=0)

@@ -194,7 +194,7 @@ class Loop:
                     rate = float(np.mean([r.success for r in group]))
                     successes.append(rate)
                     kept = keep_group(rate, cfg.rollout.min_group_success, cfg.rollout.max_group_success)
-                    sampler.observe(group[0].task, rate)
+                    sampler.observe(group[0].task, rate, init_state=group[0].init_state)
                     if kept:
                         batch.append(group)
             surplus += batch[G:]  # dynamic sampling keeps the surplus for the next step

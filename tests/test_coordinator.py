@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from actors.coordinator import RolloutCoordinator
-from actors.samplers import AdaptiveTaskSampler, InitStateSampler, make_sampler
+from actors.samplers import AdaptiveStateSampler, AdaptiveTaskSampler, InitStateSampler, make_sampler
 from common.config import RolloutConfig
 
 
@@ -115,6 +115,33 @@ def test_adaptive_sampler_resumes_exactly_and_config_picks_it():
         RolloutConfig(task_sampling="greedy")
 
 
+def test_state_sampler_moves_a_task_s_groups_to_its_failing_states():
+    """Within a task, states the policy has solved get few groups and failing ones many; the task
+    weights are AdaptiveTaskSampler's; every state is tried early; resume replays the same draws."""
+    pairs = [(t, s) for t in ("a", "b") for s in range(10)]
+    sampler = AdaptiveStateSampler(pairs, seed=0, group_size=8)
+    solved = {("a", s): s < 5 for s in range(10)} | {("b", s): True for s in range(10)}
+    counts = {p: 0 for p in pairs}
+    for i in range(1000):
+        task, state = sampler.next()
+        counts[(task, state)] += 1
+        # a solved state succeeds in every episode; the others in one of eight (kept, mostly failing)
+        sampler.observe(task, success_rate=1.0 if solved[(task, state)] else 0.125, init_state=state)
+        if i == 60:
+            assert all(counts[("a", s)] > 0 for s in range(10)), "every state of the failing task is tried early"
+    failing = sum(counts[("a", s)] for s in range(5, 10))
+    assert failing > 10 * sum(counts[("a", s)] for s in range(5))
+    # the task's failure rate is that of the groups it got, now nearly all at failing states
+    assert sampler.weights() == pytest.approx({"a": 0.875 / 0.975, "b": 0.1 / 0.975}, abs=0.03)
+    assert sampler.state_weight("a", 9) > 20 * sampler.state_weight("a", 0)
+    state = json.loads(json.dumps(sampler.state()))  # what a checkpoint's state.json holds
+    rest = [sampler.next() for _ in range(40)]
+    again = AdaptiveStateSampler(pairs, seed=0, group_size=8)
+    again.load(state)
+    assert [again.next() for _ in range(40)] == rest
+    assert isinstance(make_sampler(pairs, 0, RolloutConfig(task_sampling="adaptive_state")), AdaptiveStateSampler)
+
+
 def test_coordinator_tells_the_sampler_every_finished_group_kept_or_not():
     coord = RolloutCoordinator(RolloutConfig(group_size=8), pool=None, queue=None,
                                sampler=AdaptiveTaskSampler([("a", 0), ("b", 0)], seed=0, ema=0.5))
@@ -122,6 +149,11 @@ def test_coordinator_tells_the_sampler_every_finished_group_kept_or_not():
     _feed(coord, 1, ("b", 0), [1, 1] + [0] * 6)  # kept, failure rate 1 -> 0.875
     assert coord.sampler.failure_rate == pytest.approx({"a": 0.5, "b": 0.875})
     assert [g.key for g in coord.ready] == [("b", 0)]
+    per_state = RolloutCoordinator(RolloutConfig(group_size=8), pool=None, queue=None,
+                                   sampler=AdaptiveStateSampler([("a", 0), ("a", 1)], seed=0, group_size=8))
+    _feed(per_state, 0, ("a", 1), [1] * 8)  # the state's own counts: solved there, not at state 0
+    assert per_state.sampler.counts == {("a", 1): [8.0, 8.0]}
+    assert per_state.sampler.state_weight("a", 1) < 0.05 < per_state.sampler.state_weight("a", 0)
 
 
 def test_queue_holds_refs_applies_backpressure_and_drops_stale(ray_cluster):

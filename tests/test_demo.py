@@ -15,6 +15,7 @@ def test_demo_writes_report_plot_videos_and_evaluation_metrics(ray_cluster, tmp_
         f"run_dir={tmp_path}", f"env.tasks=[{','.join(tasks)}]", "sft.steps=2",
         "eval.episodes_per_task=2", "eval.videos=1", "total_steps=2", "rollout.min_group_success=0.0",
         "eval.validate_every=1", "eval.validation_states_per_task=1", "checkpoint.every=100",
+        "rollout.task_sampling=adaptive_state",  # as configs/demo.yaml
     ])
     report = run_demo(cfg)
 

@@ -114,15 +114,18 @@ def test_weight_average_is_what_gets_saved_and_survives_a_resume(pipeline, tiny_
 
     cfg, rollout = pipeline
     learner = cfg.learner.model_copy(update={"lr": 0.05, "weight_decay": 1.0, "ema_decay": 0.75})  # weights move
-    cfg = cfg.model_copy(update={"learner": learner, "run_dir": tmp_path, "total_steps": 1})
+    sampling = cfg.rollout.model_copy(update={"task_sampling": "adaptive_state"})  # per-state counts to resume too
+    cfg = cfg.model_copy(update={"learner": learner, "rollout": sampling, "run_dir": tmp_path, "total_steps": 1})
     start = load_file(str(tiny_policy_dir / "model.safetensors"))
     trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
     try:
         trainer.run(tmp_path / "rl_policy")
         live = ray.get(trainer.learner.publish_weights())
         trainer.save_checkpoint()
+        sampler_state = trainer.coordinator.sampler.state()
     finally:
         trainer.shutdown()
+    assert sampler_state["counts"], "the step's groups reached the per-state sampler"
     saved = load_file(str(tmp_path / "rl_policy" / "model.safetensors"))
     moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], live[k])]
     assert moved, "the step did not change any weight"
@@ -132,6 +135,7 @@ def test_weight_average_is_what_gets_saved_and_survives_a_resume(pipeline, tiny_
     resumed = GRPOTrainer(resumed_cfg, str(tiny_policy_dir), rollout)
     try:
         assert resumed.step == 1
+        assert resumed.coordinator.sampler.state() == sampler_state
         resumed.learner.save_policy(tmp_path / "resumed_policy")
         assert torch.equal(ray.get(resumed.learner.publish_weights())[moved[0]], live[moved[0]])
     finally:
