@@ -124,8 +124,8 @@ class RolloutConfig(Section):
         "uniform", description="uniform: cycle every (task, init state) (the paper); adaptive: tasks in proportion "
         "to their recent rollout failure rate; adaptive_state: tasks so, then init states by their own recent groups "
         "(failing and likely kept by dynamic sampling) (actors/samplers.py)")
-    task_sampling_floor: float = Field(0.1, gt=0, le=1, description="adaptive: least weight of a task before normalising")
-    task_sampling_ema: float = Field(0.25, gt=0, le=1, description="adaptive: moving-average rate of a task's failure-rate estimate")
+    task_sampling_floor: float = Field(0.1, gt=0, le=1, description="adaptive, adaptive_state: least weight of a task before normalising")
+    task_sampling_ema: float = Field(0.25, gt=0, le=1, description="adaptive, adaptive_state: moving-average rate of a task's failure-rate estimate")
     queue_capacity: int = Field(1024, gt=0)
     rollout_timeout_s: float = Field(900.0, gt=0)
 
