@@ -86,8 +86,9 @@ class EnvWorker:
         self.env_cfg = env_cfg
         self.app_name = app_name
         self.policy_timeout_s = policy_timeout_s
-        self.batch_max_wait_s = batch_max_wait_s
-        self.batcher: ActionBatcher | None = None
+        # one for the worker's life: it counts episodes across slot rebuilds; it needs no event loop
+        # until the first episode, and sends through self.handle, set by then
+        self.batcher = ActionBatcher(self._send, batch_max_wait_s, policy_timeout_s)
         self.num_envs = num_envs
         self._build_slots()
         self.free: asyncio.Queue | None = None
@@ -120,8 +121,6 @@ class EnvWorker:
             for slot in self.slots:
                 self.free.put_nowait(slot)
             self.handle = serve.get_deployment_handle("Policy", app_name=self.app_name)
-        if self.batcher is None:  # one for the worker's life: it counts episodes across slot rebuilds
-            self.batcher = ActionBatcher(self._send, self.batch_max_wait_s, self.policy_timeout_s)
 
     async def _send(self, observations, temperature: float, greedy: bool):
         return await self.handle.act_many.remote(observations, temperature, greedy)
