@@ -62,11 +62,11 @@ def main() -> None:
     gen = torch.Generator()
     gen.manual_seed(cfg.seed)
     for task in tasks or ["green_in_bowl", "stack_red_on_green", "push_red_to_yellow"]:
-        block = get_task(task).goal[0][1]  # the block the task grasps first
+        spec = get_task(task)
+        block = spec.goal[0][1]  # the block the task grasps first
         blocks, closes = [], []
         for state in env.init_states(task, opts["--split"])[: opts["--states"]]:
-            env.reset(task, state)
-            block_xy = env.sim.block_pos(block)[:2].copy()
+            block_xy = np.array(spec.layout.sample(state)[block][:2])  # where reset() puts it, without a reset
             greedy, greedy_ok = close_point(env, policy, task, state, True, 1.0, gen)
             runs = [close_point(env, policy, task, state, False, cfg.rollout.temperature, gen) for _ in range(opts["--samples"])]
             points = np.array([p for p, _ in runs if p is not None])
