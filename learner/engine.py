@@ -104,6 +104,7 @@ class LearnerEngine:
             "wall_clock_breakdown": False,
         }
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy.model, optimizer=optimizer, config=ds_config)
+        self._stage0_grad_norm: float | None = None
         self.policy.model = self.engine.module
 
     # --- GRPO -------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ class LearnerEngine:
                 loss = loss + coef * bc
                 bc_losses[name].append(float(bc.detach()))
             self.engine.backward(loss)
-            self.engine.step()
+            self._step()
             stats["loss"] = float(loss.detach())
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
@@ -162,13 +163,24 @@ class LearnerEngine:
             sl = slice(start, start + self.micro_batch)
             loss = sft_batch_loss(self.policy, images[sl], instructions[sl], tokens[sl], None if proprio is None else proprio[sl])
             self.engine.backward(loss)
-            self.engine.step()
+            self._step()
             losses.append(float(loss.detach()))
         return StepStats(loss=float(np.mean(losses)), grad_norm=self._grad_norm(), extra={})
 
     # --- state ------------------------------------------------------------------------------
+    def _step(self) -> None:
+        """engine.step(). Without ZeRO (float32), DeepSpeed clips the gradients but keeps no norm,
+        so the pre-clip norm is taken here at the accumulation boundary (after the all-reduce)."""
+        if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if grads:
+                self._stage0_grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        self.engine.step()
+
     def _grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._stage0_grad_norm
         return float(norm) if norm is not None else float("nan")
 
     def weights(self) -> dict[str, torch.Tensor]:
