@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--states", type=int, default=30, help="init states per task")
     ap.add_argument("--out", default=None)
     ap.add_argument("rest", nargs="*", help="[CONFIG.yaml] [key=value ...]")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # the config and overrides may follow the options
     rest = list(args.rest)
     config = rest.pop(0) if rest and rest[0].endswith(".yaml") else "configs/demo.yaml"
     cfg = load_config(config, rest)
