@@ -151,6 +151,26 @@ class OpenVLAOFTPolicy(nn.Module):
         self.action_queries = (
             nn.Parameter(0.02 * torch.randn(cfg.num_action_tokens, text.hidden_size)) if cfg.action_queries == "learned" else None
         )
+        self.action_head: nn.Parameter | None = None  # split_action_head()
+
+    def split_action_head(self) -> None:
+        """Train the LM head's 256 action rows as a parameter of their own (the learner calls this).
+        action_logits reads no other row, but as one [32064, H] parameter the head costs a zeroed
+        full-size gradient in every backward and a full pass in every norm and optimiser step: ~8 %
+        of a demo GRPO mini-batch on 2 CPU cores. The updates are the same; state_dict() writes the
+        rows back into lm_head.weight, so checkpoints and published weights keep the HF layout."""
+        if self.action_head is not None:
+            return
+        head = self.language_model.lm_head.weight
+        self.action_head = nn.Parameter(head.detach()[self.action_first_id : self.config.vocab_size].clone())
+        head.requires_grad_(False)
+        self.register_state_dict_post_hook(_merge_action_head)
+        self.register_load_state_dict_pre_hook(_split_action_head)
+
+    def action_head_weight(self) -> torch.Tensor:  # [256, H]
+        if self.action_head is not None:
+            return self.action_head
+        return self.language_model.lm_head.weight[self.action_first_id : self.config.vocab_size]
 
     def action_logits(
         self,
@@ -193,15 +213,29 @@ class OpenVLAOFTPolicy(nn.Module):
 
         positions = torch.arange(L, device=device)
         valid = positions[None, :] < length[:, None]  # [B, L]
-        allowed = valid[:, None, None, :].expand(B, 1, L, L)
         if cfg.attention == "causal":
-            allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        allowed = allowed | ~valid[:, None, :, None]  # padded queries see everything: no NaN rows
-        bias = torch.zeros(B, 1, L, L, dtype=seq.dtype, device=device)
-        bias = bias.masked_fill(~allowed, torch.finfo(seq.dtype).min)
+            allowed = valid[:, None, None, :] & torch.ones(L, L, dtype=torch.bool, device=device).tril()  # [B, 1, L, L]
+            allowed = allowed | ~valid[:, None, :, None]  # padded queries see everything: no NaN rows
+        else:  # one key-padding row per sequence, broadcast over the queries: no [B, 1, L, L] mask to build
+            allowed = valid[:, None, None, :]  # [B, 1, 1, L]; padded queries see the valid keys, never read
+        bias = torch.zeros(allowed.shape, dtype=seq.dtype, device=device).masked_fill(~allowed, torch.finfo(seq.dtype).min)
 
         hidden = self.language_model.model(inputs_embeds=seq, attention_mask=bias).last_hidden_state  # [B, L, H]
         read = (action_start - 1)[:, None] + torch.arange(A, device=device)[None, :]  # [B, A]
         h = hidden.gather(1, read[..., None].expand(B, A, hidden.shape[-1]))  # [B, A, H]
-        head = self.language_model.lm_head.weight[self.action_first_id : cfg.vocab_size]  # [256, H]
-        return F.linear(h, head)  # [B, A, 256]
+        return F.linear(h, self.action_head_weight())  # [B, A, 256]
+
+
+def _merge_action_head(module: OpenVLAOFTPolicy, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict() of a split head: the action rows back inside lm_head.weight, no extra key."""
+    key = prefix + "language_model.lm_head.weight"
+    head = state_dict[key].clone()
+    head[module.action_first_id : module.config.vocab_size] = state_dict.pop(prefix + "action_head").detach()
+    state_dict[key] = head
+
+
+def _split_action_head(module: OpenVLAOFTPolicy, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict() into a split head from the HF layout: the action rows come from lm_head.weight."""
+    key = prefix + "language_model.lm_head.weight"
+    if key in state_dict and prefix + "action_head" not in state_dict:
+        state_dict[prefix + "action_head"] = state_dict[key][module.action_first_id : module.config.vocab_size]

@@ -152,3 +152,41 @@ def test_proprio_token_is_read_when_enabled(tiny_config, tmp_path):
         assert torch.equal(loaded.action_logits(images, instructions, p1), b)
     chunks = pol.act([Observation(o.image, o.instruction, p) for o, p in zip(obs, p1)], greedy=True)
     assert len(chunks) == 2 and chunks[0].tokens.shape == (8, 7)
+
+
+def test_a_split_action_head_trains_the_same_and_saves_the_hf_layout(tiny_policy):
+    """The learner trains the head's 256 action rows as their own parameter (the other rows are
+    never read): AdamW steps give the same weights as on the whole head, and state_dict() /
+    load_state_dict() keep the HF layout (no extra key; the rows live in lm_head.weight)."""
+    import copy
+
+    obs = _obs(4)
+    images, instructions = [o.image for o in obs], [o.instruction for o in obs]
+    target = torch.randint(0, 256, (4, 56))
+    models = [copy.deepcopy(tiny_policy.model) for _ in range(2)]
+    models[1].split_action_head()
+    head = models[1].language_model.lm_head.weight
+    assert not head.requires_grad and models[1].action_head.shape == (256, head.shape[1])
+    assert sum(p.numel() for p in models[1].parameters() if p.requires_grad) < \
+        sum(p.numel() for p in models[0].parameters() if p.requires_grad) - head.shape[0] * head.shape[1] + 300 * head.shape[1]
+    for model in models:
+        # weight decay 0 (the learner's default): with decay, only the whole head's never-read rows would shrink
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        inputs = tiny_policy.model_inputs(images, instructions)
+        for _ in range(3):
+            logits = model.action_logits(*inputs)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), target.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    whole, split = models[0].state_dict(), models[1].state_dict()
+    assert whole.keys() == split.keys()
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(whole["language_model.lm_head.weight"], tiny_policy.model.state_dict()["language_model.lm_head.weight"])
+
+    fresh = copy.deepcopy(tiny_policy.model)
+    fresh.split_action_head()
+    fresh.load_state_dict(whole)  # the HF layout loads into a split head
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.action_logits(*inputs), models[0].action_logits(*inputs))
