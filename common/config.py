@@ -165,6 +165,15 @@ class LearnerConfig(Section):
         "action tokens), added to every GRPO mini-batch's loss, as DAPG does; 0 = off, the paper's pure GRPO")
     demo_bc_batch_size: int = Field(16, gt=0, description="demonstration samples in each mini-batch's BC term, per "
                                     "learner rank (each rank draws its own)")
+    rehearsal_coef: float = Field(
+        0.0, ge=0, description="weight of a rehearsal term: cross-entropy on scripted-expert demos of `rehearsal_suite` "
+        "(the base's pretraining tasks, none of the benchmark's), added to every GRPO mini-batch's loss; keeps the base's "
+        "grounding of blocks to grasps while GRPO narrows the policy; 0 = off")
+    rehearsal_suite: str | None = Field(None, description="rehearsal_coef: a suite of env.backend whose experts record "
+                                        "the rehearsal demos (the demo: tabletop_pretrain)")
+    rehearsal_demos_per_task: int = Field(4, gt=0, description="rehearsal_coef: expert demos per task of rehearsal_suite")
+    rehearsal_batch_size: int = Field(8, gt=0, description="rehearsal samples in each mini-batch's rehearsal term, per "
+                                      "learner rank")
     success_replay_coef: float = Field(
         0.0, ge=0, description="weight of a self-imitation term: cross-entropy on action chunks of earlier successful "
         "GRPO trajectories (tasks drawn uniformly), added to every mini-batch's loss; 0 = off, the paper's pure GRPO")
@@ -179,6 +188,8 @@ class LearnerConfig(Section):
             raise ValueError(
                 f"mini_batch_size {self.mini_batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}"
             )
+        if self.rehearsal_coef > 0 and not self.rehearsal_suite:
+            raise ValueError("rehearsal_coef > 0 needs rehearsal_suite (a suite whose experts record the rehearsal demos)")
         return self
 
 

@@ -75,6 +75,16 @@ def demo_samples(cfg: RunConfig, demos: list) -> DemoSamples:
     return DemoSamples(images, instructions, chunks, proprio, cfg.sft.shift_augment_px, scene)
 
 
+def rehearsal_samples(cfg: RunConfig) -> DemoSamples:
+    """learner.rehearsal_coef: expert demos of learner.rehearsal_suite as samples, with the run's augmentation."""
+    from env_workers.demos import record_suite_demos
+
+    demos = record_suite_demos(cfg.env, cfg.learner.rehearsal_suite, cfg.learner.rehearsal_demos_per_task)
+    if not demos:
+        raise RuntimeError(f"learner.rehearsal_suite {cfg.learner.rehearsal_suite!r}: its experts recorded no demos")
+    return demo_samples(cfg, demos)
+
+
 def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
     from env_workers.demos import dataset_statistics
     from env_workers.factory import env_scaled_action_dims

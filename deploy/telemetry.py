@@ -29,6 +29,7 @@ GAUGES = {
     "time/rollout_s": ("vla_rollout_seconds", "seconds of rollout in the step"),
     "time/train_s": ("vla_train_seconds", "seconds of learner time in the step"),
     "train/demo_bc_loss": ("vla_demo_bc_loss", "behaviour-cloning loss on the SFT demos (learner.demo_bc_coef)"),
+    "train/rehearsal_loss": ("vla_rehearsal_loss", "cross-entropy on the rehearsal suite's expert demos (learner.rehearsal_coef)"),
     "train/success_replay_loss": ("vla_success_replay_loss", "cross-entropy on replayed successful chunks "
                                   "(learner.success_replay_coef)"),
     "train/success_replay_size": ("vla_success_replay_trajectories", "successful trajectories in rank 0's replay"),

@@ -39,7 +39,7 @@ class GRPOTrainer:
         self.rollout = rollout
         self.coordinator = rollout.coordinator(cfg)
         self.learner = LearnerGroup(cfg)
-        self.learner.setup(policy_path, "grpo", cfg.seed, self._demos_for_bc())
+        self.learner.setup(policy_path, "grpo", cfg.seed, self._demos_for_bc(), self._rehearsal())
         self.owns_logger = logger is None  # a caller's logger outlives the trainer (the demo's evaluations)
         self.logger = logger or RunLogger(cfg.run_dir, cfg.logging.tensorboard, cfg.logging.console)
         self.ckpt = CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.keep)
@@ -62,6 +62,14 @@ class GRPOTrainer:
         from deploy.sft import demo_samples, load_demos
 
         return demo_samples(self.cfg, load_demos(self.cfg))
+
+    def _rehearsal(self):
+        """learner.rehearsal_coef: expert demos of learner.rehearsal_suite as samples, else None."""
+        if self.cfg.learner.rehearsal_coef == 0:
+            return None
+        from deploy.sft import rehearsal_samples
+
+        return rehearsal_samples(self.cfg)
 
     # --- one RL step ---------------------------------------------------------------------------
     def train_step(self) -> dict:

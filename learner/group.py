@@ -35,13 +35,15 @@ class LearnerWorker:
         self.engine = None
         self.ema: WeightAverage | None = None  # learner.ema_decay
         self.demos = None  # learner.demo_bc_coef: DemoSamples
+        self.rehearsal = None  # learner.rehearsal_coef: DemoSamples
         self.replay: SuccessReplay | None = None  # learner.success_replay_coef
         self.bc_rng = np.random.default_rng(cfg.seed + rank)
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, master_addr: str, master_port: int, policy_path: str, mode: str, seed: int, demos=None) -> int:
+    def setup(self, master_addr: str, master_port: int, policy_path: str, mode: str, seed: int, demos=None,
+              rehearsal=None) -> int:
         from learner.engine import LearnerEngine, init_distributed
         from policy.checkpoint import load_policy
 
@@ -67,6 +69,12 @@ class LearnerWorker:
                 self.demos = demos
                 if not self.policy.uses_proprio:
                     self.demos.proprio = None
+            if lc.rehearsal_coef > 0:
+                if rehearsal is None:
+                    raise ValueError("learner.rehearsal_coef > 0 needs the rehearsal demos (LearnerGroup.setup rehearsal=)")
+                self.rehearsal = rehearsal
+                if not self.policy.uses_proprio:
+                    self.rehearsal.proprio = None
             if lc.success_replay_coef > 0:
                 self.replay = SuccessReplay(lc.success_replay_capacity)
         return sum(p.numel() for p in self.policy.model.parameters())
@@ -90,6 +98,10 @@ class LearnerWorker:
                     demo = self.demos.batch(lc.demo_bc_batch_size, self.policy.stats, self.policy.action_tokenizer,
                                             self.bc_rng)
                     bc_terms.append(("demo_bc", lc.demo_bc_coef, (*demo, None)))
+                if self.rehearsal is not None:
+                    rehearsed = self.rehearsal.batch(lc.rehearsal_batch_size, self.policy.stats, self.policy.action_tokenizer,
+                                                     self.bc_rng)
+                    bc_terms.append(("rehearsal", lc.rehearsal_coef, (*rehearsed, None)))
                 if self.replay is not None:  # successes of earlier mini-batches only
                     replayed = self.replay.batch(lc.success_replay_batch_size, self.bc_rng)
                     if replayed is not None:
@@ -167,10 +179,11 @@ class LearnerGroup:
     def _all(self, method: str, *args):
         return ray.get([getattr(w, method).remote(*args) for w in self.workers], timeout=self.timeout)
 
-    def setup(self, policy_path: str, mode: str, seed: int, demos=None) -> int:
-        """`demos` (DemoSamples) for learner.demo_bc_coef: put in the object store once, read by every rank."""
-        demos_ref = None if demos is None else ray.put(demos)
-        return self._all("setup", self.master[0], self.master[1], str(policy_path), mode, seed, demos_ref)[0]
+    def setup(self, policy_path: str, mode: str, seed: int, demos=None, rehearsal=None) -> int:
+        """`demos` and `rehearsal` (DemoSamples) for learner.demo_bc_coef and learner.rehearsal_coef: put in the
+        object store once, read by every rank."""
+        refs = [None if x is None else ray.put(x) for x in (demos, rehearsal)]
+        return self._all("setup", self.master[0], self.master[1], str(policy_path), mode, seed, *refs)[0]
 
     def grpo_step_async(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray, lr: float | None = None) -> list:
         return [w.grpo_step.remote(traj_refs, advantages, order, lr) for w in self.workers]

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from common.config_loading import load_config  # noqa: E402
 from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
 from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_env  # noqa: E402
-from env_workers.tabletop.tasks import PRETRAIN_SUITE, suite_tasks  # noqa: E402
+from env_workers.tabletop.tasks import EXPERT_MAX_STEPS, PRETRAIN_SUITE, suite_tasks  # noqa: E402
 from learner.engine import sft_batch_loss  # noqa: E402
 from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
 from policy.checkpoint import DTYPES, build_policy, load_policy, save_policy  # noqa: E402
@@ -55,7 +55,7 @@ def parse(argv: list[str]):
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="of the saved weights")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = ap.parse_args(argv)
-    overrides = [f"env.suite={PRETRAIN_SUITE}", "env.max_steps=96", "env.task_max_steps={}",
+    overrides = [f"env.suite={PRETRAIN_SUITE}", f"env.max_steps={EXPERT_MAX_STEPS}", "env.task_max_steps={}",
                  f"env.init_states.num_train={max(2 * args.demos_per_task, 50)}", *args.overrides]
     return args, load_config(args.config, overrides)
 

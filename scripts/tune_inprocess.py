@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from actors.samplers import make_sampler  # noqa: E402
 from common.config_loading import load_config  # noqa: E402
 from common.records import Trajectory  # noqa: E402
-from env_workers.demos import dataset_statistics, record_demos  # noqa: E402
+from env_workers.demos import dataset_statistics, record_demos, record_suite_demos  # noqa: E402
 from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_env  # noqa: E402
 from learner.engine import grpo_batch_loss, sft_batch_loss  # noqa: E402
 from learner.grpo import group_advantages, keep_group  # noqa: E402
@@ -92,6 +92,12 @@ class Loop:
         proprio = proprio if self.policy.uses_proprio else None
         scene = env_scene_shift(cfg.env) if cfg.sft.shift_moves_labels else None
         self.demos = DemoSamples(images, instr, chunks, proprio, cfg.sft.shift_augment_px, scene)  # learner.demo_bc_coef
+        self.rehearsal = None
+        if cfg.learner.rehearsal_coef > 0:  # as deploy/train.py
+            r_images, r_instr, r_chunks, r_proprio = build_sft_samples(
+                record_suite_demos(cfg.env, cfg.learner.rehearsal_suite, cfg.learner.rehearsal_demos_per_task), cfg.policy.action_chunk)
+            self.rehearsal = DemoSamples(r_images, r_instr, r_chunks, r_proprio if self.policy.uses_proprio else None,
+                                         cfg.sft.shift_augment_px, scene)
         opt = self._optimizer(cfg.sft.lr)
         for step in range(cfg.sft.steps):
             idx = self.rng.choice(len(images), size=cfg.sft.batch_size)
@@ -163,6 +169,10 @@ class Loop:
                                           cfg.learner)
                 if cfg.learner.demo_bc_coef > 0:
                     loss = loss + cfg.learner.demo_bc_coef * self.demo_bc_loss()
+                if self.rehearsal is not None:
+                    batch = self.rehearsal.batch(cfg.learner.rehearsal_batch_size, self.policy.stats,
+                                                 self.policy.action_tokenizer, self.rng)
+                    loss = loss + cfg.learner.rehearsal_coef * sft_batch_loss(self.policy, *batch)
                 if self.replay is not None:  # as the learner: successes of earlier mini-batches only
                     replayed = self.replay.batch(cfg.learner.success_replay_batch_size, self.rng)
                     if replayed is not None:

@@ -40,9 +40,11 @@ def test_tune_inprocess_runs_sft_grpo_and_writes_its_result(tmp_path):
     assert result["overrides"] == overrides
 
 
-def test_tune_inprocess_validates_on_train_states_and_trains_on_the_demos(tmp_path):
+def test_tune_inprocess_validates_on_train_states_and_trains_on_the_demos_and_rehearsal(tmp_path):
     result = _run(tmp_path, SMALL + ["eval.validate_every=1", "eval.validation_states_per_task=1",
-                                     "learner.demo_bc_coef=0.5", "learner.demo_bc_batch_size=2"])
+                                     "learner.demo_bc_coef=0.5", "learner.demo_bc_batch_size=2",
+                                     "learner.rehearsal_coef=0.5", "learner.rehearsal_suite=tabletop_pretrain",
+                                     "learner.rehearsal_demos_per_task=1", "learner.rehearsal_batch_size=2"])
     steps = [step for step, _ in result["validations"]]
     assert steps == list(range(1, result["iterations"] + 1)), "one validation per iteration, the last included"
     assert result["best_iteration"] in steps and 0.0 <= result["rl_best"] <= 1.0
