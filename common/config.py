@@ -306,4 +306,7 @@ class RunConfig(Section):
         if self.eval.validate_every is not None and self.learner.ema_decay is not None:
             raise ValueError("eval.validate_every picks among the served (live) weights, but learner.ema_decay saves "
                              "their average; set one of the two")
+        if self.learner.rehearsal_coef > 0 and self.env.backend != "tabletop":
+            raise ValueError(f"learner.rehearsal_coef records its demos with the scripted experts of the tabletop backend, "
+                             f"but env.backend is {self.env.backend!r}")
         return self

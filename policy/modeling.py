@@ -156,9 +156,9 @@ class OpenVLAOFTPolicy(nn.Module):
     def split_action_head(self) -> None:
         """Train the LM head's 256 action rows as a parameter of their own (the learner calls this).
         action_logits reads no other row, but as one [32064, H] parameter the head costs a zeroed
-        full-size gradient in every backward and a full pass in every norm and optimiser step: ~8 %
-        of a demo GRPO mini-batch on 2 CPU cores. The updates are the same; state_dict() writes the
-        rows back into lm_head.weight, so checkpoints and published weights keep the HF layout."""
+        full-size gradient in every backward and a full pass in every norm and optimiser step. The
+        updates are the same (weight decay would shrink only never-read rows); state_dict() writes
+        the rows back into lm_head.weight, so checkpoints and published weights keep the HF layout."""
         if self.action_head is not None:
             return
         head = self.language_model.lm_head.weight

@@ -72,6 +72,7 @@ BAD_OVERRIDES = [
     (["eval.validate_every=10", "learner.ema_decay=0.9"], ["eval.validate_every", "learner.ema_decay"]),
     (["learner.demo_bc_coef=-1"], ["learner.demo_bc_coef", "greater than or equal to 0"]),
     (["learner.rehearsal_coef=0.2"], ["rehearsal_coef", "rehearsal_suite"]),
+    (["learner.rehearsal_coef=0.2", "learner.rehearsal_suite=libero_10"], ["learner.rehearsal_coef", "tabletop", "libero"]),
 ]
 
 

@@ -23,7 +23,7 @@ from env_workers.tabletop.scene import BLOCK_HALF, BOWL_BASE, BOWL_INNER_R, BOWL
 
 SUITE = "tabletop"
 PRETRAIN_SUITE = "tabletop_pretrain"
-EXPERT_MAX_STEPS = 96  # step limit for recording expert demos of any task (the longest take ~70 steps)
+EXPERT_MAX_STEPS = 96  # step limit for recording expert demos of any task (the two-step tasks take up to ~62)
 
 # Where objects may start: inside the camera view with room for the gripper around them.
 X_RANGE, Y_RANGE = (-0.17, 0.17), (-0.12, 0.12)
