@@ -34,8 +34,8 @@ class LearnerWorker:
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.engine = None
         self.ema: WeightAverage | None = None  # learner.ema_decay
-        self.demos = None  # learner.demo_bc_coef: DemoSamples
-        self.rehearsal = None  # learner.rehearsal_coef: DemoSamples
+        # (name, coef, samples per mini-batch, DemoSamples): learner.demo_bc_coef, learner.rehearsal_coef
+        self.sample_terms: list[tuple] = []
         self.replay: SuccessReplay | None = None  # learner.success_replay_coef
         self.bc_rng = np.random.default_rng(cfg.seed + rank)
 
@@ -63,18 +63,19 @@ class LearnerWorker:
             self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_size, per_rank // lc.micro_batch_size)
             if lc.ema_decay is not None:  # the average starts at the policy RL starts from
                 self.ema = WeightAverage(self.policy.model, lc.ema_decay)
-            if lc.demo_bc_coef > 0:
-                if demos is None:
-                    raise ValueError("learner.demo_bc_coef > 0 needs the demonstrations (LearnerGroup.setup demos=)")
-                self.demos = demos
-                if not self.policy.uses_proprio:
-                    self.demos.proprio = None
-            if lc.rehearsal_coef > 0:
-                if rehearsal is None:
-                    raise ValueError("learner.rehearsal_coef > 0 needs the rehearsal demos (LearnerGroup.setup rehearsal=)")
-                self.rehearsal = rehearsal
-                if not self.policy.uses_proprio:
-                    self.rehearsal.proprio = None
+            self.sample_terms = []
+            for name, field, size, samples, what in (
+                ("demo_bc", "demo_bc_coef", lc.demo_bc_batch_size, demos, "the demonstrations (LearnerGroup.setup demos=)"),
+                ("rehearsal", "rehearsal_coef", lc.rehearsal_batch_size, rehearsal,
+                 "the rehearsal demos (LearnerGroup.setup rehearsal=)"),
+            ):
+                coef = getattr(lc, field)
+                if coef > 0:
+                    if samples is None:
+                        raise ValueError(f"learner.{field} > 0 needs {what}")
+                    if not self.policy.uses_proprio:
+                        samples.proprio = None
+                    self.sample_terms.append((name, coef, size, samples))
             if lc.success_replay_coef > 0:
                 self.replay = SuccessReplay(lc.success_replay_capacity)
         return sum(p.numel() for p in self.policy.model.parameters())
@@ -94,14 +95,9 @@ class LearnerWorker:
                 if lc.recompute_old_logprobs:
                     old = self.engine.recompute_logprobs(trajs, self.cfg.rollout.temperature)
                 bc_terms = []
-                if self.demos is not None:
-                    demo = self.demos.batch(lc.demo_bc_batch_size, self.policy.stats, self.policy.action_tokenizer,
-                                            self.bc_rng)
-                    bc_terms.append(("demo_bc", lc.demo_bc_coef, (*demo, None)))
-                if self.rehearsal is not None:
-                    rehearsed = self.rehearsal.batch(lc.rehearsal_batch_size, self.policy.stats, self.policy.action_tokenizer,
-                                                     self.bc_rng)
-                    bc_terms.append(("rehearsal", lc.rehearsal_coef, (*rehearsed, None)))
+                for name, coef, size, samples in self.sample_terms:
+                    drawn = samples.batch(size, self.policy.stats, self.policy.action_tokenizer, self.bc_rng)
+                    bc_terms.append((name, coef, (*drawn, None)))
                 if self.replay is not None:  # successes of earlier mini-batches only
                     replayed = self.replay.batch(lc.success_replay_batch_size, self.bc_rng)
                     if replayed is not None:

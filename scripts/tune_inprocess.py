@@ -91,13 +91,18 @@ class Loop:
         images, instr, chunks, proprio = build_sft_samples(demos, cfg.policy.action_chunk)
         proprio = proprio if self.policy.uses_proprio else None
         scene = env_scene_shift(cfg.env) if cfg.sft.shift_moves_labels else None
-        self.demos = DemoSamples(images, instr, chunks, proprio, cfg.sft.shift_augment_px, scene)  # learner.demo_bc_coef
-        self.rehearsal = None
-        if cfg.learner.rehearsal_coef > 0:  # as deploy/train.py
+        lc = cfg.learner
+        # (name, coef, samples per mini-batch, DemoSamples), as LearnerWorker.sample_terms
+        self.sample_terms = []
+        if lc.demo_bc_coef > 0:
+            self.sample_terms.append(("demo_bc", lc.demo_bc_coef, lc.demo_bc_batch_size,
+                                      DemoSamples(images, instr, chunks, proprio, cfg.sft.shift_augment_px, scene)))
+        if lc.rehearsal_coef > 0:  # recorded as deploy/train.py does
             r_images, r_instr, r_chunks, r_proprio = build_sft_samples(
-                record_suite_demos(cfg.env, cfg.learner.rehearsal_suite, cfg.learner.rehearsal_demos_per_task), cfg.policy.action_chunk)
-            self.rehearsal = DemoSamples(r_images, r_instr, r_chunks, r_proprio if self.policy.uses_proprio else None,
-                                         cfg.sft.shift_augment_px, scene)
+                record_suite_demos(cfg.env, lc.rehearsal_suite, lc.rehearsal_demos_per_task), cfg.policy.action_chunk)
+            self.sample_terms.append(("rehearsal", lc.rehearsal_coef, lc.rehearsal_batch_size,
+                                      DemoSamples(r_images, r_instr, r_chunks, r_proprio if self.policy.uses_proprio else None,
+                                                  cfg.sft.shift_augment_px, scene)))
         opt = self._optimizer(cfg.sft.lr)
         for step in range(cfg.sft.steps):
             idx = self.rng.choice(len(images), size=cfg.sft.batch_size)
@@ -144,10 +149,6 @@ class Loop:
                     slots[i] = None
         return results
 
-    def demo_bc_loss(self) -> torch.Tensor:
-        batch = self.demos.batch(self.cfg.learner.demo_bc_batch_size, self.policy.stats, self.policy.action_tokenizer, self.rng)
-        return sft_batch_loss(self.policy, *batch)
-
     def evaluate(self, split: str = "eval", per_task: int | None = None) -> tuple[float, dict]:
         per_task = per_task or self.cfg.eval.episodes_per_task
         reqs = [(t, st) for t in self.tasks for st in self.envs[0].init_states(t, split)[:per_task]]
@@ -167,12 +168,9 @@ class Loop:
                 sel = order[start : start + cfg.learner.mini_batch_size]
                 loss, _ = grpo_batch_loss(self.policy, [trajs[i] for i in sel], advantages[sel], cfg.rollout.temperature,
                                           cfg.learner)
-                if cfg.learner.demo_bc_coef > 0:
-                    loss = loss + cfg.learner.demo_bc_coef * self.demo_bc_loss()
-                if self.rehearsal is not None:
-                    batch = self.rehearsal.batch(cfg.learner.rehearsal_batch_size, self.policy.stats,
-                                                 self.policy.action_tokenizer, self.rng)
-                    loss = loss + cfg.learner.rehearsal_coef * sft_batch_loss(self.policy, *batch)
+                for _, coef, size, samples in self.sample_terms:  # learner.demo_bc_coef, learner.rehearsal_coef
+                    drawn = samples.batch(size, self.policy.stats, self.policy.action_tokenizer, self.rng)
+                    loss = loss + coef * sft_batch_loss(self.policy, *drawn)
                 if self.replay is not None:  # as the learner: successes of earlier mini-batches only
                     replayed = self.replay.batch(cfg.learner.success_replay_batch_size, self.rng)
                     if replayed is not None:
