@@ -138,6 +138,10 @@ class RolloutConfig(Section):
         return self
 
 
+# Policy parts a training phase can hold fixed (OpenVLAOFTPolicy.freeze)
+FreezableModule = Literal["vision_backbone", "projector", "proprio_projector", "action_queries", "text_embeddings"]
+
+
 class LearnerConfig(Section):
     lr: float = Field(5e-6, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -181,6 +185,9 @@ class LearnerConfig(Section):
                                            "success_replay term, per learner rank")
     success_replay_capacity: int = Field(64, gt=0, description="successful trajectories kept per task (per learner "
                                          "rank, the latest)")
+    frozen_modules: list[FreezableModule] = Field(
+        [], description="policy modules GRPO leaves as they are: no gradient, no optimiser state, and no backward "
+        "through them (e.g. [vision_backbone, projector] keeps the base's visual features)")
 
     @model_validator(mode="after")
     def _micro_divides_mini(self):
@@ -210,6 +217,8 @@ class SFTConfig(Section):
         "control the position targets and the gripper proprio move with it (delta actions stay as they are)"
     )
     dataset: Path | None = Field(None, description="folder of robomimic/LIBERO HDF5 files; None = record experts")
+    frozen_modules: list[FreezableModule] = Field(
+        [], description="policy modules SFT leaves as they are (as learner.frozen_modules)")
 
 
 class EvalConfig(Section):

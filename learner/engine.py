@@ -83,13 +83,15 @@ def sft_batch_loss(policy: VLAPolicy, images: np.ndarray, instructions: list[str
 
 
 class LearnerEngine:
-    def __init__(self, policy: VLAPolicy, cfg: LearnerConfig, lr: float, micro_batch: int, grad_accum: int):
+    def __init__(self, policy: VLAPolicy, cfg: LearnerConfig, lr: float, micro_batch: int, grad_accum: int,
+                 frozen_modules=()):
         import deepspeed
 
         self.policy = policy
         self.cfg = cfg
         self.micro_batch = micro_batch
         policy.model.split_action_head()  # the head's other 31,808 rows are never read: no gradient, no optimiser state
+        policy.model.freeze(frozen_modules)  # learner.frozen_modules / sft.frozen_modules
         params = [p for p in policy.model.parameters() if p.requires_grad]
         # fused: one kernel over the parameters (ZeRO-1/2: its flat fp32 partition) instead of a pass per elementwise op;
         # the demo policy's optimiser step (8.7M parameters) takes ~21 ms instead of ~48 on 2 CPU cores

@@ -57,10 +57,12 @@ class LearnerWorker:
         if mode == "sft":
             per_rank = self.cfg.sft.batch_size // self.world_size
             micro = min(self.cfg.sft.micro_batch_size or lc.micro_batch_size, per_rank)
-            self.engine = LearnerEngine(self.policy, lc, self.cfg.sft.lr, micro, max(1, per_rank // micro))
+            self.engine = LearnerEngine(self.policy, lc, self.cfg.sft.lr, micro, max(1, per_rank // micro),
+                                        self.cfg.sft.frozen_modules)
         else:
             per_rank = lc.mini_batch_size // self.world_size
-            self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_size, per_rank // lc.micro_batch_size)
+            self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_size, per_rank // lc.micro_batch_size,
+                                        lc.frozen_modules)
             if lc.ema_decay is not None:  # the average starts at the policy RL starts from
                 self.ema = WeightAverage(self.policy.model, lc.ema_decay)
             self.sample_terms = []

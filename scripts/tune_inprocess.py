@@ -73,7 +73,10 @@ class Loop:
         self._log.write(text + "\n")
         self._log.flush()
 
-    def _optimizer(self, lr: float):
+    def _optimizer(self, lr: float, frozen_modules=()):
+        """A fresh AdamW over all but `frozen_modules` (as LearnerEngine, which each phase builds anew)."""
+        self.policy.model.requires_grad_(True)
+        self.policy.model.freeze(frozen_modules)
         return torch.optim.AdamW([p for p in self.policy.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
     def _step(self, opt, loss) -> None:
@@ -103,7 +106,7 @@ class Loop:
             self.sample_terms.append(("rehearsal", lc.rehearsal_coef, lc.rehearsal_batch_size,
                                       DemoSamples(r_images, r_instr, r_chunks, r_proprio if self.policy.uses_proprio else None,
                                                   cfg.sft.shift_augment_px, scene)))
-        opt = self._optimizer(cfg.sft.lr)
+        opt = self._optimizer(cfg.sft.lr, cfg.sft.frozen_modules)
         for step in range(cfg.sft.steps):
             idx = self.rng.choice(len(images), size=cfg.sft.batch_size)
             batch_images, tokens, batch_proprio = sft_batch(images, chunks, proprio, idx, cfg.sft.shift_augment_px, scene,
@@ -187,7 +190,7 @@ class Loop:
         sampler = make_sampler(pairs, cfg.seed, cfg.rollout)  # as the coordinator
         self.ema = None if cfg.learner.ema_decay is None else WeightAverage(self.policy.model, cfg.learner.ema_decay)
         self.replay = SuccessReplay(cfg.learner.success_replay_capacity) if cfg.learner.success_replay_coef > 0 else None
-        opt, surplus, history = self._optimizer(cfg.learner.lr), [], []
+        opt, surplus, history = self._optimizer(cfg.learner.lr, cfg.learner.frozen_modules), [], []
         self.validations, self.best = [], None  # eval.validate_every: (iteration, success), (success, weights)
         start = time.time()
         while time.time() - start < seconds:

@@ -73,6 +73,7 @@ BAD_OVERRIDES = [
     (["learner.demo_bc_coef=-1"], ["learner.demo_bc_coef", "greater than or equal to 0"]),
     (["learner.rehearsal_coef=0.2"], ["rehearsal_coef", "rehearsal_suite"]),
     (["learner.rehearsal_coef=0.2", "learner.rehearsal_suite=libero_10"], ["learner.rehearsal_coef", "tabletop", "libero"]),
+    (["sft.frozen_modules=[vision]"], ["sft.frozen_modules.0", "vision_backbone", "text_embeddings"]),
 ]
 
 

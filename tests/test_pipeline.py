@@ -232,14 +232,17 @@ def test_demo_bc_term_trains_on_the_demos_when_grpo_has_no_signal(pipeline, tiny
     assert _demo_loss(tmp_path / "after", cfg, samples) < _demo_loss(tiny_policy_dir, cfg, samples)
 
 
-def test_rehearsal_term_trains_on_the_pretraining_suites_expert_demos(pipeline, tiny_policy_dir, tmp_path):
+def test_rehearsal_term_trains_on_the_pretraining_suites_demos_and_frozen_modules_stay(pipeline, tiny_policy_dir, tmp_path):
+    from safetensors.torch import load_file
+
     from deploy.sft import load_demos, rehearsal_samples
     from deploy.train import GRPOTrainer
 
     cfg, rollout = pipeline
     env = cfg.env.model_copy(update={"tasks": ["red_in_bowl"]})
     learner = cfg.learner.model_copy(update={"lr": 1e-3, "rehearsal_coef": 1.0, "rehearsal_suite": "tabletop_pretrain",
-                                             "rehearsal_demos_per_task": 1, "rehearsal_batch_size": 4})
+                                             "rehearsal_demos_per_task": 1, "rehearsal_batch_size": 4,
+                                             "frozen_modules": ["vision_backbone", "projector"]})
     cfg = cfg.model_copy(update={"env": env, "learner": learner, "run_dir": tmp_path, "total_steps": 1})
     trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
     try:
@@ -253,6 +256,10 @@ def test_rehearsal_term_trains_on_the_pretraining_suites_expert_demos(pipeline, 
     rehearsed = set(samples.instructions)
     assert len(rehearsed) == 14 and not rehearsed & {d.instruction for d in load_demos(cfg)}  # none of the benchmark's
     assert _demo_loss(tmp_path / "after", cfg, samples) < _demo_loss(tiny_policy_dir, cfg, samples)
+    # learner.frozen_modules: the vision tower and projector the learner was told to hold stayed as they were
+    start, after = load_file(str(tiny_policy_dir / "model.safetensors")), load_file(str(tmp_path / "after" / "model.safetensors"))
+    moved = {k for k in start if not torch.equal(start[k], after[k])}
+    assert moved and not {k for k in moved if k.startswith(("vision_backbone.", "projector."))}
 
 
 def test_validation_tracks_the_best_policy_can_serve_it_and_survives_a_resume(pipeline, tiny_policy_dir, tmp_path):
