@@ -1,8 +1,9 @@
 """Where a policy closes its gripper, per init state: greedy, and the spread over a group of
 sampled rollouts (the diagnosis behind docs/demo.md "Shifts that move the labels"); then, per task,
 how far the greedy close point follows the target block: the least-squares slope of the close point
-on the block's initial position (1 = the grasp follows the block, 0 = one fixed grasp point) and both
-spreads (docs/demo.md, session 17).
+on the block's initial position (1 = the grasp follows the block, 0 = one fixed grasp point), both
+spreads (docs/demo.md, session 17), and the close point's offset from the block (mean and std: how
+finely the policy localises it; session 21).
 
 usage: python scripts/grasp_spread.py CONFIG POLICY_FOLDER [--states N] [--samples N] [--split train|eval]
                                       [TASK ...] [key=value ...]
@@ -80,8 +81,10 @@ def main() -> None:
         if len(blocks) >= 3:
             b, c = np.array(blocks), np.array(closes)
             slopes = [np.polyfit(b[:, d], c[:, d], 1)[0] for d in range(2)]
+            offset = c - b  # where it closes relative to the block: how finely the policy localises it
             print(f"{task}: greedy close point on {block}'s position over {len(b)} states: slope x {slopes[0]:.2f}, "
-                  f"y {slopes[1]:.2f}; std x/y close point {np.round(c.std(0) * 1000, 1)} mm, block {np.round(b.std(0) * 1000, 1)} mm",
+                  f"y {slopes[1]:.2f}; std x/y close point {np.round(c.std(0) * 1000, 1)} mm, block {np.round(b.std(0) * 1000, 1)} mm; "
+                  f"close point - block: mean x/y {np.round(offset.mean(0) * 1000, 1)} mm, std {np.round(offset.std(0) * 1000, 1)} mm",
                   flush=True)
 
 
