@@ -202,10 +202,16 @@ def _demo_loss(policy_dir, cfg, samples) -> float:
         return float(sft_batch_loss(policy, samples.images[idx], [samples.instructions[i] for i in idx], tokens))
 
 
-@pytest.mark.parametrize("coef", [0.0, 1.0])
-def test_demo_bc_term_trains_on_the_demos_when_grpo_has_no_signal(pipeline, tiny_policy_dir, tmp_path, coef):
+def _moved_weights(before_dir, after_dir) -> list[str]:
+    """Names of the weights that differ between two saved policy folders."""
     from safetensors.torch import load_file
 
+    before, after = (load_file(str(d / "model.safetensors")) for d in (before_dir, after_dir))
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+@pytest.mark.parametrize("coef", [0.0, 1.0])
+def test_demo_bc_term_trains_on_the_demos_when_grpo_has_no_signal(pipeline, tiny_policy_dir, tmp_path, coef):
     from deploy.sft import demo_samples, load_demos
     from deploy.train import GRPOTrainer
 
@@ -222,8 +228,7 @@ def test_demo_bc_term_trains_on_the_demos_when_grpo_has_no_signal(pipeline, tiny
     # the random tiny policy fails every episode: every group is all-fail, every advantage 0, and
     # without weight decay GRPO alone leaves the weights where they were
     assert scalars["rollout/success_rate"] == 0.0 and scalars["train/adv_mean"] == 0.0
-    start, after = load_file(str(tiny_policy_dir / "model.safetensors")), load_file(str(tmp_path / "after" / "model.safetensors"))
-    moved = [k for k in start if not torch.equal(start[k], after[k])]
+    moved = _moved_weights(tiny_policy_dir, tmp_path / "after")
     if coef == 0.0:
         assert not moved and "train/demo_bc_loss" not in scalars
         return
@@ -233,8 +238,6 @@ def test_demo_bc_term_trains_on_the_demos_when_grpo_has_no_signal(pipeline, tiny
 
 
 def test_rehearsal_term_trains_on_the_pretraining_suites_demos_and_frozen_modules_stay(pipeline, tiny_policy_dir, tmp_path):
-    from safetensors.torch import load_file
-
     from deploy.sft import load_demos, rehearsal_samples
     from deploy.train import GRPOTrainer
 
@@ -257,9 +260,8 @@ def test_rehearsal_term_trains_on_the_pretraining_suites_demos_and_frozen_module
     assert len(rehearsed) == 14 and not rehearsed & {d.instruction for d in load_demos(cfg)}  # none of the benchmark's
     assert _demo_loss(tmp_path / "after", cfg, samples) < _demo_loss(tiny_policy_dir, cfg, samples)
     # learner.frozen_modules: the vision tower and projector the learner was told to hold stayed as they were
-    start, after = load_file(str(tiny_policy_dir / "model.safetensors")), load_file(str(tmp_path / "after" / "model.safetensors"))
-    moved = {k for k in start if not torch.equal(start[k], after[k])}
-    assert moved and not {k for k in moved if k.startswith(("vision_backbone.", "projector."))}
+    moved = _moved_weights(tiny_policy_dir, tmp_path / "after")
+    assert moved and not [k for k in moved if k.startswith(("vision_backbone.", "projector."))]
 
 
 def test_validation_tracks_the_best_policy_can_serve_it_and_survives_a_resume(pipeline, tiny_policy_dir, tmp_path):
