@@ -169,6 +169,34 @@ def load_policy(
     return VLAPolicy(model, tokenizer, processor, norm_stats, unnorm_key)
 
 
+def upscale_images(policy: VLAPolicy, factor: int) -> VLAPolicy:
+    """The same policy for images `factor` times larger with patches `factor` times larger: the same
+    patch grid (so every token, position embedding and later weight carries over) with each patch
+    kernel weight spread evenly over factor x factor pixels. On a nearest-upscaled image it computes
+    what the original does on the small one; trained further, it can read the finer detail of a real
+    larger render at the same sequence length (scripts/pretrain_base.py --init)."""
+    arch = policy.model.config
+    if factor < 1 or not isinstance(factor, int):
+        raise ValueError(f"upscale factor must be a positive integer, got {factor!r}")
+    if factor == 1:
+        return policy
+    bigger = VLAConfig(**{**arch.to_dict(), "image_size": arch.image_size * factor, "patch_size": arch.patch_size * factor})
+    model = OpenVLAOFTPolicy(bigger)
+    state = policy.model.state_dict()
+    patchify = (arch.patch_size, arch.patch_size)  # every tower's patch embedding: a conv of kernel = stride = patch
+    kernels = [f"{name}.weight" for name, m in policy.model.named_modules()
+               if isinstance(m, torch.nn.Conv2d) and m.kernel_size == patchify and m.stride == patchify]
+    if not kernels:
+        raise ValueError("upscale_images: the policy has no patch-embedding kernel")
+    for k in kernels:  # [out, 3, p, p] -> [out, 3, p * f, p * f], each weight over f x f pixels
+        state[k] = state[k].repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3) / factor**2
+    model.load_state_dict(state, strict=True)
+    model.to(next(policy.model.parameters()).dtype)
+    processor = policy.image_processor
+    processor = ImageProcessor(bigger.image_size, processor.means, processor.stds, processor.center_crop)
+    return VLAPolicy(model, policy.tokenizer, processor, policy.norm_stats, policy.unnorm_key)
+
+
 def _load_tokenizer(folder: Path):
     """The class named in tokenizer_config.json (AutoTokenizer would read config.json's model_type)."""
     meta_file = folder / "tokenizer_config.json"

@@ -36,7 +36,7 @@ from env_workers.factory import env_scaled_action_dims, env_scene_shift, make_en
 from env_workers.tabletop.tasks import EXPERT_MAX_STEPS, PRETRAIN_SUITE, suite_tasks  # noqa: E402
 from learner.engine import sft_batch_loss  # noqa: E402
 from learner.sft_data import build_sft_samples, sft_batch  # noqa: E402
-from policy.checkpoint import DTYPES, build_policy, load_policy, save_policy  # noqa: E402
+from policy.checkpoint import DTYPES, build_policy, load_policy, save_policy, upscale_images  # noqa: E402
 
 
 def parse(argv: list[str]):
@@ -73,6 +73,19 @@ def _record(job) -> list:
         env.close()
 
 
+def _upscale_factor(init_arch, policy_cfg, init: str) -> int:
+    """How many times larger the config's images are than the --init base's, at the same patch grid
+    (1 = the same): a base pretrained at 64 px continues at 128 px with its patch kernels spread
+    over 2 x 2 pixels (policy.checkpoint.upscale_images) instead of starting over."""
+    factor = policy_cfg.image_size // init_arch.image_size
+    if (factor < 1 or init_arch.image_size * factor != policy_cfg.image_size
+            or init_arch.patch_size * factor != policy_cfg.patch_size):
+        raise ValueError(f"--init {init}: its {init_arch.image_size} px images in {init_arch.patch_size} px patches are not "
+                         f"the config's policy.image_size={policy_cfg.image_size} / policy.patch_size={policy_cfg.patch_size} "
+                         f"scaled by one whole factor")
+    return factor
+
+
 def pretrain(args, cfg, log=print) -> dict:
     start = time.time()
     tasks = cfg.env.tasks or suite_tasks(cfg.env.suite)
@@ -84,6 +97,7 @@ def pretrain(args, cfg, log=print) -> dict:
         policy = load_policy(args.init, unnorm_key=PRETRAIN_SUITE)
         if list(policy.norm_stats) != [PRETRAIN_SUITE]:
             raise ValueError(f"--init {args.init}: not a {PRETRAIN_SUITE} base (its statistics: {sorted(policy.norm_stats)})")
+        policy = upscale_images(policy, _upscale_factor(policy.model.config, cfg.policy, args.init))
     else:
         stats = {PRETRAIN_SUITE: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
         policy = build_policy(cfg.policy.model_copy(update={"unnorm_key": PRETRAIN_SUITE, "path": None}), stats, seed=cfg.seed)
@@ -123,7 +137,7 @@ def pretrain(args, cfg, log=print) -> dict:
     summary = {"suite": PRETRAIN_SUITE, "tasks": tasks, "demos": len(demos), "samples": len(images),
                "steps": total[0], "batch_size": args.batch_size, "lr": args.lr, "final_loss": float(np.mean(losses[-50:])),
                "seconds": time.time() - start, "device": str(device), "config": args.config, "dtype": args.dtype,
-               "init": args.init}
+               "init": args.init, "overrides": list(args.overrides)}
     if args.init and (Path(args.init) / "pretrain_summary.json").exists():  # the whole history of the weights
         summary["init_summary"] = json.loads((Path(args.init) / "pretrain_summary.json").read_text())
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))

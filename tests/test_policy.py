@@ -226,3 +226,27 @@ def test_frozen_modules_keep_their_weights_and_get_no_gradient(tiny_policy):
     assert tiny_policy.model.proprio_projector is None  # configs/tiny.yaml reads no proprio
     with pytest.raises(ValueError, match="has no proprio_projector"):
         model.freeze(["proprio_projector"])
+
+
+@pytest.mark.parametrize("backbone", ["siglip", "dinosiglip"])
+def test_upscaled_policy_reads_a_nearest_upscaled_image_as_the_original_reads_the_small_one(tiny_config, tmp_path, backbone):
+    from policy.checkpoint import upscale_images
+
+    pol = build_policy(tiny_config.policy.model_copy(update={"vision_backbone": backbone}), seed=0)
+    big = upscale_images(pol, 2)
+    arch, big_arch = pol.model.config, big.model.config
+    assert (big_arch.image_size, big_arch.patch_size) == (2 * arch.image_size, 2 * arch.patch_size)
+    assert big_arch.num_patches == arch.num_patches and big.image_processor.image_size == 2 * arch.image_size
+    obs = _obs(2)
+    small_images = [o.image for o in obs]
+    big_images = [im.repeat(2, axis=0).repeat(2, axis=1) for im in small_images]
+    with torch.no_grad():
+        a = pol.action_logits(small_images, [o.instruction for o in obs])
+        b = big.action_logits(big_images, [o.instruction for o in obs])
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        # saved and loaded, it keeps its larger images; a real larger render is no longer the same input
+        again = load_policy(save_policy(big, tmp_path / "big"))
+        torch.testing.assert_close(again.action_logits(big_images, [o.instruction for o in obs]), b)
+    assert upscale_images(pol, 1) is pol
+    with pytest.raises(ValueError, match="positive integer"):
+        upscale_images(pol, 0)

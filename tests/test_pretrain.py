@@ -12,6 +12,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
 from common.config import EnvConfig
@@ -115,6 +116,40 @@ def test_pretrain_init_continues_from_a_base_and_records_its_history(tmp_path):
     # the base's action statistics, not those of the new demos: its tokens keep meaning the same actions
     stats = lambda d: json.loads((tmp_path / d / "dataset_statistics.json").read_text())  # noqa: E731
     assert stats("b") == stats("a")
+
+
+def test_pretrain_init_continues_a_base_at_twice_the_image_size_on_the_same_patch_grid(tmp_path):
+    from policy.checkpoint import load_policy
+
+    _pretrain(tmp_path / "a", "--steps", "2", "--demos-per-task", "1")
+    bigger = ["policy.image_size=128", "policy.patch_size=16", "env.image_size=128"]
+    _pretrain(tmp_path / "b", "--steps", "2", "--demos-per-task", "1", "--init", str(tmp_path / "a"), *bigger)
+    small, big = load_policy(tmp_path / "a"), load_policy(tmp_path / "b")
+    assert (big.model.config.image_size, big.model.config.patch_size) == (128, 16)
+    assert big.image_processor.image_size == 128 and big.model.config.num_patches == small.model.config.num_patches
+    assert json.loads((tmp_path / "b" / "pretrain_summary.json").read_text())["overrides"] == bigger
+    with pytest.raises(subprocess.CalledProcessError) as failed:  # 96 px is no whole multiple of 64
+        _pretrain(tmp_path / "c", "--steps", "1", "--demos-per-task", "1", "--init", str(tmp_path / "a"),
+                  "policy.image_size=96", "policy.patch_size=12", "env.image_size=96")
+    assert b"policy.image_size=96" in failed.value.stderr
+
+
+def test_upscale_script_writes_the_same_base_for_twice_the_image_size_and_keeps_its_history(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from upscale_base import upscale_base
+
+    from policy.checkpoint import load_policy
+
+    _pretrain(tmp_path / "a", "--steps", "2", "--demos-per-task", "1")
+    summary = upscale_base(tmp_path / "a", tmp_path / "b", factor=2)
+    small, big = load_policy(tmp_path / "a"), load_policy(tmp_path / "b")
+    assert (summary["image_size"], summary["patch_size"]) == (128, 16) == (big.model.config.image_size, big.model.config.patch_size)
+    assert summary["suite"] == PRETRAIN_SUITE and summary["init_summary"]["steps"] == 2
+    assert big.norm_stats == small.norm_stats
+    small_state, big_state = small.model.state_dict(), big.model.state_dict()
+    kernel = "vision_backbone.featurizer.embeddings.patch_embedding.weight"
+    assert all(torch.equal(small_state[k], big_state[k]) for k in small_state if k != kernel)
+    assert torch.equal(big_state[kernel][:, :, ::2, ::2] * 4, small_state[kernel])  # exact in bfloat16
 
 
 def test_shipped_base_loads_and_matches_the_demo_configs_architecture():
