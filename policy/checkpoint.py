@@ -176,7 +176,7 @@ def upscale_images(policy: VLAPolicy, factor: int) -> VLAPolicy:
     what the original does on the small one; trained further, it can read the finer detail of a real
     larger render at the same sequence length (scripts/pretrain_base.py --init)."""
     arch = policy.model.config
-    if factor < 1 or not isinstance(factor, int):
+    if not isinstance(factor, int) or factor < 1:
         raise ValueError(f"upscale factor must be a positive integer, got {factor!r}")
     if factor == 1:
         return policy

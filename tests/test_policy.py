@@ -244,7 +244,7 @@ def test_upscaled_policy_reads_a_nearest_upscaled_image_as_the_original_reads_th
         a = pol.action_logits(small_images, [o.instruction for o in obs])
         b = big.action_logits(big_images, [o.instruction for o in obs])
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        # saved and loaded, it keeps its larger images; a real larger render is no longer the same input
+        # saved and loaded, it keeps its 2x images and gives the same logits
         again = load_policy(save_policy(big, tmp_path / "big"))
         torch.testing.assert_close(again.action_logits(big_images, [o.instruction for o in obs]), b)
     assert upscale_images(pol, 1) is pol

@@ -135,13 +135,12 @@ def test_pretrain_init_continues_a_base_at_twice_the_image_size_on_the_same_patc
 
 
 def test_upscale_script_writes_the_same_base_for_twice_the_image_size_and_keeps_its_history(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from upscale_base import upscale_base
-
     from policy.checkpoint import load_policy
 
     _pretrain(tmp_path / "a", "--steps", "2", "--demos-per-task", "1")
-    summary = upscale_base(tmp_path / "a", tmp_path / "b", factor=2)
+    subprocess.run([sys.executable, str(ROOT / "scripts/upscale_base.py"), str(tmp_path / "a"), str(tmp_path / "b"), "--factor", "2"],
+                   check=True, cwd=ROOT, timeout=300, capture_output=True)
+    summary = json.loads((tmp_path / "b" / "pretrain_summary.json").read_text())
     small, big = load_policy(tmp_path / "a"), load_policy(tmp_path / "b")
     assert (summary["image_size"], summary["patch_size"]) == (128, 16) == (big.model.config.image_size, big.model.config.patch_size)
     assert summary["suite"] == PRETRAIN_SUITE and summary["init_summary"]["steps"] == 2
