@@ -10,6 +10,7 @@ Writes are atomic: everything goes to a temporary sibling folder that is renamed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -192,8 +193,7 @@ def upscale_images(policy: VLAPolicy, factor: int) -> VLAPolicy:
         state[k] = state[k].repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3) / factor**2
     model.load_state_dict(state, strict=True)
     model.to(next(policy.model.parameters()).dtype)
-    processor = policy.image_processor
-    processor = ImageProcessor(bigger.image_size, processor.means, processor.stds, processor.center_crop)
+    processor = dataclasses.replace(policy.image_processor, image_size=bigger.image_size)
     return VLAPolicy(model, policy.tokenizer, processor, policy.norm_stats, policy.unnorm_key)
 
 
