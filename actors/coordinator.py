@@ -1,36 +1,41 @@
-"""The rollout coordinator: GRPO groups, dynamic sampling, surplus, and the policy-lag filter.
+"""The rollout coordinator: GRPO groups, dynamic sampling, surplus, the policy-lag filter, and the
+driver's trajectory buffer.
 
-Runs in the driver (it owns every episode ref). One call of `next_batch` returns exactly
-`groups_per_batch` groups whose success rate lies inside [min, max] success; groups completed
-beyond that are kept for the next step (the original discards them). Episodes flow
-env workers -> TrajectoryQueue (refs + meta) -> here, where they are grouped by (task, init state).
+Runs in the driver, which launches every episode and so owns every trajectory's ObjectRef: a
+dead env worker cannot take finished episodes with it. The coordinator's groups of finished
+episodes ARE the trajectory queue; no actor sits in between. Backpressure: no group is launched
+while the groups held and in flight would pass `rollout.queue_capacity` trajectories.
+
+One call of `next_batch` returns exactly `groups_per_batch` groups whose success rate lies inside
+[min, max] success; groups completed beyond that are kept for the next step (the original
+discards them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
-import ray
-
-from actors.env_pool import Episode, EnvWorkerPool
+from actors.env_pool import Episode, EnvWorkerPool, FinishedEpisode
 from actors.samplers import AdaptiveTaskSampler, InitStateSampler
 from common.config import RolloutConfig
+from common.records import EpisodeMeta
 from learner.grpo import keep_group
 
 
 @dataclass
 class Group:
-    key: tuple[str, int]
-    items: list[dict] = field(default_factory=list)  # meta + {"ref": [ObjectRef]}
+    key: tuple[str, int]  # (task, init state)
+    episodes: list[FinishedEpisode] = field(default_factory=list)
 
     @property
     def success_rate(self) -> float:
-        return sum(it["success"] for it in self.items) / max(len(self.items), 1)
+        return sum(e.meta.success for e in self.episodes) / max(len(self.episodes), 1)
 
     @property
     def policy_version(self) -> int:
-        return min(it["policy_version"] for it in self.items)
+        return min(e.meta.policy_version for e in self.episodes)
 
 
 @dataclass
@@ -47,8 +52,8 @@ class RolloutStats:
 
 
 class RolloutCoordinator:
-    def __init__(self, cfg: RolloutConfig, pool: EnvWorkerPool, queue, sampler: InitStateSampler | AdaptiveTaskSampler):
-        self.cfg, self.pool, self.queue, self.sampler = cfg, pool, queue, sampler
+    def __init__(self, cfg: RolloutConfig, pool: EnvWorkerPool, sampler: InitStateSampler | AdaptiveTaskSampler):
+        self.cfg, self.pool, self.sampler = cfg, pool, sampler
         self.open_groups: dict[int, Group] = {}
         self.ready: list[Group] = []  # complete groups that passed dynamic sampling
         self._next_group_id = 0
@@ -62,36 +67,39 @@ class RolloutCoordinator:
         for _ in range(self.cfg.group_size):
             self.pool.submit(Episode(task, init_state, self.cfg.temperature, greedy=False, tag=gid))
 
-    def _groups_in_flight(self) -> int:
-        return len(self.open_groups)
+    def _room_for_a_group(self) -> bool:
+        """Backpressure: held + in-flight trajectories stay within queue_capacity."""
+        return (len(self.ready) + len(self.open_groups) + 1) * self.cfg.group_size <= self.cfg.queue_capacity
+
+    def buffered(self) -> int:
+        """Finished trajectories held in ready groups (the surplus, between steps)."""
+        return sum(len(g.episodes) for g in self.ready)
 
     def pump(self, want_groups: int, timeout_s: float = 0.2) -> None:
-        """Keep env slots busy with groups until `want_groups` are ready, move finished episodes
-        through the queue, and close complete groups (dynamic sampling)."""
+        """Keep env slots busy with groups until `want_groups` are ready, collect finished episodes,
+        and close complete groups (dynamic sampling)."""
         slots_in_groups = max(1, self.pool.num_slots // self.cfg.group_size)
-        while len(self.ready) + self._groups_in_flight() < want_groups or (
-            len(self.ready) < want_groups and self._groups_in_flight() < slots_in_groups
+        while self._room_for_a_group() and (
+            len(self.ready) + len(self.open_groups) < want_groups
+            or (len(self.ready) < want_groups and len(self.open_groups) < slots_in_groups)
         ):
             self._launch_group()
-        for ep, meta, traj_ref in self.pool.poll(timeout_s):
-            item = {k: v for k, v in meta.items() if k != "frames"}
-            item["ref"], item["group"] = [traj_ref], ep.tag
-            ray.get(self.queue.put.remote(item, timeout_s=60), timeout=90)
-        for item in ray.get(self.queue.get.remote(10_000), timeout=60):
-            self._add(item)
+        for done in self.pool.poll(timeout_s):
+            self.add(done)
 
-    def _add(self, item: dict) -> None:
-        group = self.open_groups[item["group"]]
-        group.items.append(item)
+    def add(self, done: FinishedEpisode) -> None:
+        """One finished episode joins its group; a complete group is kept or filtered."""
+        group, meta = self.open_groups[done.request.tag], done.meta
+        group.episodes.append(done)
         s = self.stats
         s.episodes += 1
-        s.successes += int(item["success"])
-        s.env_steps += item["env_steps"]
-        per = s.per_task.setdefault(item["task"], [0, 0])
-        per[0] += int(item["success"])
+        s.successes += int(meta.success)
+        s.env_steps += meta.env_steps
+        per = s.per_task.setdefault(meta.task, [0, 0])
+        per[0] += int(meta.success)
         per[1] += 1
-        if len(group.items) == self.cfg.group_size:
-            del self.open_groups[item["group"]]
+        if len(group.episodes) == self.cfg.group_size:
+            del self.open_groups[done.request.tag]
             s.groups_done += 1
             kept = keep_group(group.success_rate, self.cfg.min_group_success, self.cfg.max_group_success)
             self.sampler.observe(group.key[0], group.success_rate, init_state=group.key[1])
@@ -142,3 +150,21 @@ class RolloutCoordinator:
         batch, self.ready = self.ready[:groups], (self.ready[groups:] if self.cfg.keep_surplus else [])
         self.stats.seconds = time.monotonic() - start
         return batch
+
+    # --- checkpoints: the surplus as metadata (state.json) plus its trajectories (saved apart) ------
+    def surplus_state(self) -> tuple[list[list[dict]], list]:
+        """-> (per ready group, its episodes' metadata; the trajectory refs in the same order)."""
+        metas = [[{k: v for k, v in dataclasses.asdict(e.meta).items() if k != "frames"} for e in g.episodes]
+                 for g in self.ready]
+        return metas, [e.ref for g in self.ready for e in g.episodes]
+
+    def restore_surplus(self, metas: list[list[dict]], refs: list) -> None:
+        """The inverse of `surplus_state`, with refs to the reloaded trajectories."""
+        known = {f.name for f in dataclasses.fields(EpisodeMeta)}
+        refs = iter(refs)
+        self.ready = []
+        for group in metas:
+            episodes = [EpisodeMeta(**{k: v for k, v in m.items() if k in known}) for m in group]
+            self.ready.append(Group((episodes[0].task, episodes[0].init_state), [
+                FinishedEpisode(Episode(m.task, m.init_state, self.cfg.temperature, greedy=False), m, next(refs))
+                for m in episodes]))

@@ -15,6 +15,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from common.config import ClusterConfig, EnvConfig
+from common.records import EpisodeMeta
 from env_workers.worker import EnvWorker
 
 
@@ -27,6 +28,13 @@ class Episode:
     record_video: bool = False
     attempts: int = 0
     tag: object = None  # caller's bookkeeping (e.g. group id)
+
+
+@dataclass(frozen=True)
+class FinishedEpisode:
+    request: Episode
+    meta: EpisodeMeta
+    ref: ray.ObjectRef  # the Trajectory; the driver owns it, so it outlives the worker that made it
 
 
 READY_TIMEOUT_S = 300.0  # env builds (LIBERO: seconds each) plus waiting for a node to join
@@ -81,8 +89,8 @@ class EnvWorkerPool:
         self.load[index] += 1
         self.pending[meta_ref] = (ep, traj_ref, index, self.workers[index])
 
-    def poll(self, timeout_s: float) -> list[tuple[Episode, dict, ray.ObjectRef]]:
-        """Finished episodes as (request, meta, trajectory ref); failed ones are re-submitted."""
+    def poll(self, timeout_s: float) -> list[FinishedEpisode]:
+        """Finished episodes; failed ones are re-submitted."""
         if not self.pending:
             return []
         ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s, fetch_local=True)
@@ -101,7 +109,7 @@ class EnvWorkerPool:
                 self._retry(ep)  # env timeout or env error: the slot was rebuilt; run it again
                 continue
             self.load[index] -= 1
-            done.append((ep, meta, traj_ref))
+            done.append(FinishedEpisode(ep, meta, traj_ref))
         return done
 
     def _retry(self, ep: Episode) -> None:
@@ -119,7 +127,7 @@ class EnvWorkerPool:
         self.load[index] = sum(1 for *_, i, w in self.pending.values() if i == index and w is self.workers[index])
         self.replaced += 1
 
-    def run_all(self, episodes: list[Episode], timeout_s: float) -> list[tuple[Episode, dict, ray.ObjectRef]]:
+    def run_all(self, episodes: list[Episode], timeout_s: float) -> list[FinishedEpisode]:
         """Submit everything and wait for all of it (evaluation)."""
         for ep in episodes:
             self.submit(ep)

@@ -126,7 +126,9 @@ class RolloutConfig(Section):
         "(failing and likely kept by dynamic sampling) (actors/samplers.py)")
     task_sampling_floor: float = Field(0.1, gt=0, le=1, description="adaptive, adaptive_state: least weight of a task before normalising")
     task_sampling_ema: float = Field(0.25, gt=0, le=1, description="adaptive, adaptive_state: moving-average rate of a task's failure-rate estimate")
-    queue_capacity: int = Field(1024, gt=0)
+    queue_capacity: int = Field(
+        1024, gt=0, description="most trajectories the driver holds, finished or in flight (ready groups, surplus, "
+        "open groups); no group is launched past it (backpressure); at least groups_per_batch x group_size")
     rollout_timeout_s: float = Field(900.0, gt=0)
 
     @model_validator(mode="after")
@@ -135,11 +137,17 @@ class RolloutConfig(Section):
             raise ValueError(
                 f"min_group_success {self.min_group_success} must be <= max_group_success {self.max_group_success}"
             )
+        if self.queue_capacity < self.groups_per_batch * self.group_size:
+            raise ValueError(f"queue_capacity {self.queue_capacity} must hold a batch: at least groups_per_batch x "
+                             f"group_size = {self.groups_per_batch * self.group_size}")
         return self
 
 
-# Policy parts a training phase can hold fixed (OpenVLAOFTPolicy.freeze)
-FreezableModule = Literal["vision_backbone", "projector", "proprio_projector", "action_queries", "text_embeddings"]
+class LossTermConfig(Section):
+    """One extra loss term: `weight` x its loss, added to every GRPO mini-batch's loss."""
+
+    weight: float = Field(gt=0)
+    batch_size: int = Field(16, gt=0, description="samples the term draws per mini-batch, per learner rank")
 
 
 class LearnerConfig(Section):
@@ -148,8 +156,6 @@ class LearnerConfig(Section):
         "constant", description="GRPO learning rate over the run: from lr down to lr * lr_final_ratio at the end of "
         "total_steps, or of wall_budget_minutes when that comes first")
     lr_final_ratio: float = Field(0.1, ge=0, le=1, description="lr_schedule: the last step's lr as a fraction of lr")
-    lr_warmup: float = Field(0.0, ge=0, lt=1, description="share of the run (as for lr_schedule) over which the lr "
-                             "first rises linearly from lr * lr_final_ratio to lr; 0 = start at lr")
     weight_decay: float = Field(0.0, ge=0)
     clip_low: float = Field(0.2, gt=0, lt=1)
     clip_high: float = Field(0.28, gt=0)
@@ -160,34 +166,9 @@ class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2] = 2
     sync_every: int = Field(1, gt=0)
     recompute_old_logprobs: bool = False
-    ema_decay: float | None = Field(
-        None, gt=0, lt=1, description="keep an exponential moving average of the weights, updated once per RL step "
-        "(ema = decay * ema + (1 - decay) * weights); saved and evaluated policies are the average, rollouts use "
-        "the live weights; None = off")
-    demo_bc_coef: float = Field(
-        0.0, ge=0, description="weight of a behaviour-cloning term on the SFT demonstrations (cross-entropy on their "
-        "action tokens), added to every GRPO mini-batch's loss, as DAPG does; 0 = off, the paper's pure GRPO")
-    demo_bc_batch_size: int = Field(16, gt=0, description="demonstration samples in each mini-batch's BC term, per "
-                                    "learner rank (each rank draws its own)")
-    rehearsal_coef: float = Field(
-        0.0, ge=0, description="weight of a rehearsal term: cross-entropy on scripted-expert demos of `rehearsal_suite` "
-        "(the base's pretraining tasks, none of the benchmark's), added to every GRPO mini-batch's loss; keeps the base's "
-        "grounding of blocks to grasps while GRPO narrows the policy; 0 = off")
-    rehearsal_suite: str | None = Field(None, description="rehearsal_coef: a suite of env.backend whose experts record "
-                                        "the rehearsal demos (the demo: tabletop_pretrain)")
-    rehearsal_demos_per_task: int = Field(4, gt=0, description="rehearsal_coef: expert demos per task of rehearsal_suite")
-    rehearsal_batch_size: int = Field(8, gt=0, description="rehearsal samples in each mini-batch's rehearsal term, per "
-                                      "learner rank")
-    success_replay_coef: float = Field(
-        0.0, ge=0, description="weight of a self-imitation term: cross-entropy on action chunks of earlier successful "
-        "GRPO trajectories (tasks drawn uniformly), added to every mini-batch's loss; 0 = off, the paper's pure GRPO")
-    success_replay_batch_size: int = Field(16, gt=0, description="replayed chunks in each mini-batch's "
-                                           "success_replay term, per learner rank")
-    success_replay_capacity: int = Field(64, gt=0, description="successful trajectories kept per task (per learner "
-                                         "rank, the latest)")
-    frozen_modules: list[FreezableModule] = Field(
-        [], description="policy modules GRPO leaves as they are: no gradient, no optimiser state, and no backward "
-        "through them (e.g. [vision_backbone, projector] keeps the base's visual features)")
+    loss_terms: dict[Literal["demo_bc"], LossTermConfig] = Field(
+        default_factory=dict, description="extra loss terms by name (learner/loss_terms.py), e.g. demo_bc: "
+        "cross-entropy on the SFT demonstrations' action tokens, as DAPG does; none = the paper's pure GRPO")
 
     @model_validator(mode="after")
     def _micro_divides_mini(self):
@@ -195,8 +176,6 @@ class LearnerConfig(Section):
             raise ValueError(
                 f"mini_batch_size {self.mini_batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}"
             )
-        if self.rehearsal_coef > 0 and not self.rehearsal_suite:
-            raise ValueError("rehearsal_coef > 0 needs rehearsal_suite (a suite whose experts record the rehearsal demos)")
         return self
 
 
@@ -217,8 +196,6 @@ class SFTConfig(Section):
         "control the position targets and the gripper proprio move with it (delta actions stay as they are)"
     )
     dataset: Path | None = Field(None, description="folder of robomimic/LIBERO HDF5 files; None = record experts")
-    frozen_modules: list[FreezableModule] = Field(
-        [], description="policy modules SFT leaves as they are (as learner.frozen_modules)")
 
 
 class EvalConfig(Section):
@@ -312,10 +289,4 @@ class RunConfig(Section):
                 f"sft.batch_size / cluster.learner_world_size = {sft_per_rank} samples per rank must be a multiple of "
                 f"sft.micro_batch_size {sft_micro}, or at most {sft_micro} (then one pass per step)"
             )
-        if self.eval.validate_every is not None and self.learner.ema_decay is not None:
-            raise ValueError("eval.validate_every picks among the served (live) weights, but learner.ema_decay saves "
-                             "their average; set one of the two")
-        if self.learner.rehearsal_coef > 0 and self.env.backend != "tabletop":
-            raise ValueError(f"learner.rehearsal_coef records its demos with the scripted experts of the tabletop backend, "
-                             f"but env.backend is {self.env.backend!r}")
         return self

@@ -6,7 +6,7 @@ by the simulators. Each is defined here once and imported by every role.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,24 +59,25 @@ class Trajectory:
     env_steps: int
     policy_version: int  # oldest version that produced any of its chunks
     proprio: np.ndarray | None = None  # [T, P] float32
-    group: tuple[str, int] = field(init=False)
-
-    def __post_init__(self):
-        self.group = (self.task, self.init_state)
 
     @property
     def num_chunks(self) -> int:
         return int(self.tokens.shape[0])
 
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.images, self.tokens, self.logprobs, self.executed))
 
+@dataclass(frozen=True)
+class EpisodeMeta:
+    """What an env worker reports of a finished episode beside its Trajectory: small, so the driver
+    reads it without pulling the images."""
 
-@dataclass
-class WeightVersion:
-    version: int
-    learner_step: int
-    state_ref: object = None  # ObjectRef of a {name: tensor} dict in the object store (object-store backend)
+    task: str
+    init_state: int
+    success: bool
+    env_steps: int
+    policy_version: int  # oldest version that produced any of its chunks
+    num_chunks: int
+    seconds: float
+    frames: np.ndarray | None = None  # [env_steps, H, W, 3] uint8, when a video was asked for
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,10 @@ def evaluate(rollout: Rollout, out_dir: Path, episodes_per_task: int | None, vid
             episodes.append(Episode(task, s, 1.0, greedy=True, record_video=i < videos))
     results = rollout.pool.run_all(episodes, timeout_s)
     per_task: dict[str, dict[int, int]] = {}
-    for ep, meta, _ in sorted(results, key=lambda r: (r[0].task, r[0].init_state)):
-        per_task.setdefault(ep.task, {})[ep.init_state] = int(meta["success"])
-        if meta.get("frames") is not None:
-            write_video(out_dir / "videos" / f"{ep.task}_{ep.init_state}_{'ok' if meta['success'] else 'fail'}.mp4", meta["frames"])
+    for meta in sorted((r.meta for r in results), key=lambda m: (m.task, m.init_state)):
+        per_task.setdefault(meta.task, {})[meta.init_state] = int(meta.success)
+        if meta.frames is not None:
+            write_video(out_dir / "videos" / f"{meta.task}_{meta.init_state}_{'ok' if meta.success else 'fail'}.mp4", meta.frames)
     train = {t: set(rollout.task_info[t]["train"]) for t in per_task}
     report = {
         "success": float(np.mean([s for v in per_task.values() for s in v.values()])),

@@ -1,4 +1,4 @@
-"""Bring the roles up on a Ray cluster: policy service, env workers, trajectory queue, learner."""
+"""Bring the roles up on a Ray cluster: policy service and env workers (the learner: learner/group.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import ray
 from actors.coordinator import RolloutCoordinator
 from actors.env_pool import EnvWorkerPool
 from actors.samplers import make_sampler
-from actors.trajectory_queue import TrajectoryQueue
 from common.config import RunConfig
 from services.policy_service import APP_NAME, start_policy_service
 
@@ -49,25 +48,23 @@ class Rollout:
 
     handle: object
     pool: EnvWorkerPool
-    queue: object
     task_info: dict
 
     @classmethod
     def start(cls, cfg: RunConfig, policy_path: str) -> "Rollout":
         handle = start_policy_service(policy_path, cfg.cluster, cfg.policy, seed=cfg.seed)
         pool = EnvWorkerPool(cfg.env, cfg.cluster, APP_NAME)
-        queue = TrajectoryQueue.remote(cfg.rollout.queue_capacity)
         info = pool.task_info()
         if cfg.env.tasks:
             unknown = sorted(set(cfg.env.tasks) - set(info))
             if unknown:
                 raise ValueError(f"env.tasks: unknown tasks {unknown}; the {cfg.env.suite} suite has {sorted(info)}")
             info = {t: info[t] for t in cfg.env.tasks}
-        return cls(handle, pool, queue, info)
+        return cls(handle, pool, info)
 
     def coordinator(self, cfg: RunConfig) -> RolloutCoordinator:
         pairs = [(t, s) for t, v in self.task_info.items() for s in v["train"]]
-        return RolloutCoordinator(cfg.rollout, self.pool, self.queue, make_sampler(pairs, cfg.seed, cfg.rollout))
+        return RolloutCoordinator(cfg.rollout, self.pool, make_sampler(pairs, cfg.seed, cfg.rollout))
 
     def shutdown(self) -> None:
         from ray import serve
@@ -77,4 +74,3 @@ class Rollout:
             serve.delete(APP_NAME)
         except Exception:
             pass
-        ray.kill(self.queue)

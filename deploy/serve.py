@@ -20,7 +20,8 @@ def run_serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 8000, token_f
     from ray import serve
 
     from deploy.runtime import init_ray
-    from services.http_api import APP_NAME, resolve_token, start_http_api
+    from services.http_api import APP_NAME, start_http_api
+    from services.http_auth import resolve_token
 
     if cfg.policy.path is None:
         sys.exit("serve needs the policy to serve: set policy.path=/local/policy/folder")

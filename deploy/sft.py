@@ -75,14 +75,10 @@ def demo_samples(cfg: RunConfig, demos: list) -> DemoSamples:
     return DemoSamples(images, instructions, chunks, proprio, cfg.sft.shift_augment_px, scene)
 
 
-def rehearsal_samples(cfg: RunConfig) -> DemoSamples:
-    """learner.rehearsal_coef: expert demos of learner.rehearsal_suite as samples, with the run's augmentation."""
-    from env_workers.demos import record_suite_demos
-
-    demos = record_suite_demos(cfg.env, cfg.learner.rehearsal_suite, cfg.learner.rehearsal_demos_per_task)
-    if not demos:
-        raise RuntimeError(f"learner.rehearsal_suite {cfg.learner.rehearsal_suite!r}: its experts recorded no demos")
-    return demo_samples(cfg, demos)
+def loss_term_samples(cfg: RunConfig) -> dict[str, DemoSamples]:
+    """The samples each of `learner.loss_terms` draws from (learner/loss_terms.py)."""
+    sources = {"demo_bc": lambda: demo_samples(cfg, load_demos(cfg))}
+    return {name: sources[name]() for name in cfg.learner.loss_terms}
 
 
 def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
@@ -102,7 +98,7 @@ def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
 
     learner = LearnerGroup(cfg)
     try:
-        learner.setup(init_folder, "sft", cfg.seed)
+        learner.setup_sft(init_folder, cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         losses, start = [], time.monotonic()
         for step in range(cfg.sft.steps):

@@ -1,18 +1,23 @@
-"""`vla-grpo train CONFIG`: the GRPO loop. Each step reads like the paper:
-roll out groups -> dynamic sampling -> group advantages -> clipped policy update -> sync weights.
+"""`vla-grpo train CONFIG`: the GRPO loop. One RL step is five named, timed phases:
+
+    rollout -> advantages -> update -> weight sync -> log / checkpoint
+
+Each phase is a method below; its seconds go to `time/{phase}_s`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from actors.coordinator import Group
+from actors.coordinator import Group, RolloutStats
 from common.config import RunConfig
 from deploy.runtime import Rollout
 from deploy.telemetry import RunLogger
@@ -24,22 +29,44 @@ from learner.lr_schedule import run_progress, scheduled_lr
 from services.policy_service import broadcast_weights
 
 
-def flatten(batch: list[Group]) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
-    items = [it for g in batch for it in g.items]
-    refs = [it["ref"][0] for it in items]
-    rewards = np.array([float(it["success"]) for it in items], dtype=np.float32)
-    group_ids = np.repeat(np.arange(len(batch)), [len(g.items) for g in batch])
-    versions = np.array([it["policy_version"] for it in items])
-    return refs, rewards, group_ids, versions
+@dataclass
+class RolloutBatch:
+    """The groups of one step as the learner takes them: trajectory refs in group order, with their
+    advantages, the order they are trained in, and the policy version that sampled each."""
+
+    refs: list
+    advantages: np.ndarray  # [N]
+    order: np.ndarray  # [N], a permutation
+    versions: np.ndarray  # [N]
+
+
+class PhaseTimer:
+    """Seconds per named phase of one step, for the `time/{phase}_s` metrics."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.monotonic() - start
+
+    def scalars(self) -> dict[str, float]:
+        return {f"time/{phase}_s": s for phase, s in self.seconds.items()}
 
 
 class GRPOTrainer:
     def __init__(self, cfg: RunConfig, policy_path: str, rollout: Rollout, logger: RunLogger | None = None):
+        from deploy.sft import loss_term_samples
+
         self.cfg = cfg
         self.rollout = rollout
         self.coordinator = rollout.coordinator(cfg)
         self.learner = LearnerGroup(cfg)
-        self.learner.setup(policy_path, "grpo", cfg.seed, self._demos_for_bc(), self._rehearsal())
+        self.learner.setup_grpo(policy_path, cfg.seed, loss_term_samples(cfg))
         self.owns_logger = logger is None  # a caller's logger outlives the trainer (the demo's evaluations)
         self.logger = logger or RunLogger(cfg.run_dir, cfg.logging.tensorboard, cfg.logging.console)
         self.ckpt = CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.keep)
@@ -55,70 +82,94 @@ class GRPOTrainer:
         if not (cfg.checkpoint.resume and self.resume()):
             self.sync_weights()
 
-    def _demos_for_bc(self):
-        """learner.demo_bc_coef: the run's SFT demonstrations as samples, else None."""
-        if self.cfg.learner.demo_bc_coef == 0:
-            return None
-        from deploy.sft import demo_samples, load_demos
+    @property
+    def strict(self) -> bool:
+        """max_policy_lag 0: no rollout runs while the learner trains."""
+        return self.cfg.rollout.max_policy_lag == 0
 
-        return demo_samples(self.cfg, load_demos(self.cfg))
-
-    def _rehearsal(self):
-        """learner.rehearsal_coef: expert demos of learner.rehearsal_suite as samples, else None."""
-        if self.cfg.learner.rehearsal_coef == 0:
-            return None
-        from deploy.sft import rehearsal_samples
-
-        return rehearsal_samples(self.cfg)
-
-    # --- one RL step ---------------------------------------------------------------------------
+    # --- one RL step, phase by phase ------------------------------------------------------------
     def train_step(self) -> dict:
-        cfg, t0 = self.cfg, time.monotonic()
-        strict = cfg.rollout.max_policy_lag == 0
-        batch = self.coordinator.next_batch(cfg.rollout.groups_per_batch, self.version, cfg.rollout.rollout_timeout_s, drain=strict)
-        rollout_stats = self.coordinator.stats
-        t1 = time.monotonic()
-        refs, rewards, group_ids, versions = flatten(batch)
-        advantages = group_advantages(torch.from_numpy(rewards), torch.from_numpy(group_ids)).numpy()
-        order = self.rng.permutation(len(refs))
-        futures = self.learner.grpo_step_async(refs, advantages, order, scheduled_lr(cfg.learner, self.progress()))
-        while not strict and ray.wait(futures, num_returns=len(futures), timeout=0)[1]:
-            self.coordinator.pump(cfg.rollout.groups_per_batch, timeout_s=0.05)  # overlap rollout with training
-        train_stats = ray.get(futures, timeout=cfg.rollout.rollout_timeout_s)[0]
-        t2 = time.monotonic()
+        timer = PhaseTimer()
+        with timer("rollout"):
+            groups, rollout_stats = self.collect_rollouts()
+        with timer("advantages"):
+            batch = self.compute_advantages(groups)
+        with timer("train"):
+            train_stats = self.update(batch)
+        with timer("weight_sync"):
+            self.sync_after_update()
+        return self.log_and_checkpoint(timer, batch, rollout_stats, train_stats)
+
+    def collect_rollouts(self) -> tuple[list[Group], RolloutStats]:
+        """`groups_per_batch` groups that pass dynamic sampling, none older than the allowed lag."""
+        c = self.cfg.rollout
+        groups = self.coordinator.next_batch(c.groups_per_batch, self.version, c.rollout_timeout_s, drain=self.strict)
+        return groups, self.coordinator.stats
+
+    def compute_advantages(self, groups: list[Group]) -> RolloutBatch:
+        """Group-normalised 0/1 rewards, and the order the learner trains in."""
+        episodes = [e for g in groups for e in g.episodes]
+        rewards = torch.tensor([float(e.meta.success) for e in episodes])
+        group_ids = torch.from_numpy(np.repeat(np.arange(len(groups)), [len(g.episodes) for g in groups]))
+        return RolloutBatch(refs=[e.ref for e in episodes], advantages=group_advantages(rewards, group_ids).numpy(),
+                            order=self.rng.permutation(len(episodes)),
+                            versions=np.array([e.meta.policy_version for e in episodes]))
+
+    def update(self, batch: RolloutBatch) -> dict:
+        """The clipped policy update on every learner rank; with max_policy_lag >= 1 the env slots
+        keep rolling out for the next step meanwhile."""
+        c = self.cfg.rollout
+        lr = scheduled_lr(self.cfg.learner, self.progress())
+        futures = self.learner.grpo_step_async(batch.refs, batch.advantages, batch.order, lr)
+        while not self.strict and ray.wait(futures, num_returns=len(futures), timeout=0)[1]:
+            self.coordinator.pump(c.groups_per_batch, timeout_s=0.05)
+        stats = ray.get(futures, timeout=c.rollout_timeout_s)[0]
         self.step += 1
         self.version += 1
-        sync_s = self.sync_weights() if self.step % cfg.learner.sync_every == 0 else 0.0
-        if not strict:
+        return stats
+
+    def sync_after_update(self) -> None:
+        """The replicas serve the new version (every `learner.sync_every` steps); ready groups now
+        too old for max_policy_lag are dropped."""
+        if self.step % self.cfg.learner.sync_every == 0:
+            self.sync_weights()
+        if not self.strict:
             self.coordinator.drop_stale(self.version)
-        validation = self.validate() if self.selector is not None and self.selector.due(self.step) else {}
-        s = rollout_stats
+
+    def log_and_checkpoint(self, timer: PhaseTimer, batch: RolloutBatch, s: RolloutStats, train_stats: dict) -> dict:
+        """Validation when due (eval.validate_every), the step's scalars to every sink, a checkpoint
+        every `checkpoint.every` steps."""
+        validation = {}
+        if self.selector is not None and self.selector.due(self.step):
+            with timer("validation"):
+                validation = self.validate()
+        seconds = timer.seconds
+        # overlapped (lag >= 1): the stats also count the episodes that ran while the learner trained
+        rollout_s = seconds["rollout"] + (0.0 if self.strict else seconds["train"])
         scalars = {
             "rollout/success_rate": s.successes / max(s.episodes, 1),
             "rollout/episodes": s.episodes,
-            # overlapped (lag >= 1): the stats also count the episodes that ran while the learner trained
-            "rollout/env_steps_per_s": s.env_steps / max((t1 if strict else t2) - t0, 1e-6),
+            "rollout/env_steps_per_s": s.env_steps / max(rollout_s, 1e-6),
             "rollout/filtered_group_fraction": s.groups_filtered / max(s.groups_done, 1),
-            "rollout/queue_depth": ray.get(self.rollout.queue.size.remote(), timeout=30),
-            "rollout/policy_lag": float(np.mean(self.version - 1 - versions)),
+            "rollout/queue_depth": self.coordinator.buffered(),
+            "rollout/policy_lag": float(np.mean(self.version - 1 - batch.versions)),
             "rollout/stale_groups": s.groups_stale,
             "rollout/episodes_rerun": self.rollout.pool.rerun,
             **{f"train/{k}": v for k, v in train_stats.items()},
-            "time/rollout_s": t1 - t0,
-            "time/train_s": t2 - t1,
-            "time/weight_sync_s": sync_s,
+            **timer.scalars(),
             "policy/version": self.version,
             **validation,
         }
-        if cfg.rollout.task_sampling == "adaptive":
+        if self.cfg.rollout.task_sampling != "uniform":
             scalars.update({f"sampler/weight/{t}": w for t, w in self.coordinator.sampler.weights().items()})
         per_task = {t: a / b for t, (a, b) in s.per_task.items() if b}
         self.logger.log(self.step, scalars, per_task, env_steps=s.env_steps)
         self.history.append({"step": self.step, **scalars})
-        if self.step % cfg.checkpoint.every == 0:
+        if self.step % self.cfg.checkpoint.every == 0:
             self.save_checkpoint()
         return scalars
 
+    # --- the run --------------------------------------------------------------------------------
     def progress(self) -> float:
         """How far the run is, 0 to 1, for learner.lr_schedule: by steps, or by the clock when run()
         has a deadline that comes first (a budgeted run on a slow machine still ends at the final lr;
@@ -173,10 +224,8 @@ class GRPOTrainer:
         entry = self.selector.validate(self.step, self.version, self.rollout.pool, self.learner, timeout)
         return {"eval/validation_success": entry["success"], "eval/best_step": self.selector.best["step"]}
 
-    def sync_weights(self) -> float:
-        start = time.monotonic()
+    def sync_weights(self) -> None:
         self._serve(self.version, self.learner.publish_weights())
-        return time.monotonic() - start
 
     def _serve(self, version: int, state_ref) -> None:
         """Every replica swaps to these weights as `version`, and all must report it."""
@@ -190,14 +239,13 @@ class GRPOTrainer:
         tmp = self.ckpt.begin(self.step)
         self.learner.save_state(tmp / "learner", {"step": self.step})
         self.learner.save_policy(tmp / "policy")
-        surplus = self.coordinator.ready
-        trajs = ray.get([it["ref"][0] for g in surplus for it in g.items], timeout=300)
-        save_trajectories(trajs, tmp / "surplus")
+        surplus, refs = self.coordinator.surplus_state()
+        save_trajectories(ray.get(refs, timeout=300), tmp / "surplus")
         state = {
             "step": self.step, "version": self.version,
             "sampler": self.coordinator.sampler.state(),
             "numpy_rng": self.rng.bit_generator.state,
-            "surplus": [[{k: v for k, v in it.items() if k != "ref"} for it in g.items] for g in surplus],
+            "surplus": surplus,
         }
         if self.selector is not None:
             state["validation"] = self.selector.state()
@@ -215,11 +263,7 @@ class GRPOTrainer:
         if self.selector is not None and "validation" in state:
             self.selector.load(state["validation"], folder)
         self.rng.bit_generator.state = state["numpy_rng"]
-        trajs = iter(load_trajectories(folder / "surplus"))
-        self.coordinator.ready = [
-            Group((items[0]["task"], items[0]["init_state"]), [dict(it, ref=[ray.put(next(trajs))]) for it in items])
-            for items in state["surplus"]
-        ]
+        self.coordinator.restore_surplus(state["surplus"], [ray.put(t) for t in load_trajectories(folder / "surplus")])
         self.sync_weights()
         print(f"resumed from {folder} at step {self.step} (version {self.version})", flush=True)
         return True

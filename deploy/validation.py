@@ -56,8 +56,8 @@ class PolicySelector:
         early stopping does: a tie keeps the earlier policy)."""
         episodes = [Episode(task, s, 1.0, greedy=True) for task, states in self.states.items() for s in states]
         outcomes: dict[str, list[int]] = {}
-        for ep, meta, _ in pool.run_all(episodes, timeout_s):
-            outcomes.setdefault(ep.task, []).append(int(meta["success"]))
+        for done in pool.run_all(episodes, timeout_s):
+            outcomes.setdefault(done.meta.task, []).append(int(done.meta.success))
         entry = {"step": step, "version": version,
                  "success": float(np.mean([o for v in outcomes.values() for o in v])),
                  "per_task": {t: float(np.mean(v)) for t, v in sorted(outcomes.items())}}

@@ -72,20 +72,6 @@ def record_demos(
     return demos
 
 
-def record_suite_demos(env_cfg, suite: str, per_task: int) -> list[Demo]:
-    """`per_task` expert demos of every task of another `suite` of the same backend, on its train
-    init states, under the experts' step limit (learner.rehearsal_suite)."""
-    from env_workers.factory import make_env
-    from env_workers.tabletop.tasks import EXPERT_MAX_STEPS
-
-    env = make_env(env_cfg.model_copy(update={"suite": suite, "tasks": None, "task_max_steps": {},
-                                              "max_steps": EXPERT_MAX_STEPS}))
-    try:
-        return record_demos(env, env.task_names, per_task)
-    finally:
-        env.close()
-
-
 def _record_one(env, expert, task: str, init_state: int) -> Demo | None:
     obs = env.reset(task, init_state)
     expert.reset()

@@ -22,7 +22,7 @@ import numpy as np
 import ray
 
 from common.config import EnvConfig
-from common.records import ChunkResult, Trajectory
+from common.records import ChunkResult, EpisodeMeta, Trajectory
 from env_workers.action_batcher import ActionBatcher
 from policy.action_tokenizer import postprocess_gripper
 
@@ -127,7 +127,7 @@ class EnvWorker:
 
     @ray.method(num_returns=2)
     async def run_episode(self, task: str, init_state: int, temperature: float, greedy: bool, record_video: bool = False):
-        """-> (meta dict, Trajectory). Two returns so the caller can read `meta` (tiny) without
+        """-> (EpisodeMeta, Trajectory). Two returns so the caller can read `meta` (tiny) without
         pulling the images of the trajectory."""
         self._lazy_init()
         free = self.free
@@ -170,9 +170,9 @@ class EnvWorker:
                           tokens=np.stack(tokens), logprobs=np.stack(logprobs), executed=np.stack(executed),
                           success=success, env_steps=steps, policy_version=min(versions),
                           proprio=None if proprio[0] is None else np.stack(proprio).astype(np.float32))
-        meta = {"task": task, "init_state": init_state, "success": success, "env_steps": steps,
-                "policy_version": min(versions), "num_chunks": len(images), "seconds": time.perf_counter() - start,
-                "frames": np.stack(frames) if record_video and frames else None}
+        meta = EpisodeMeta(task=task, init_state=init_state, success=success, env_steps=steps,
+                           policy_version=min(versions), num_chunks=len(images), seconds=time.perf_counter() - start,
+                           frames=np.stack(frames) if record_video and frames else None)
         return meta, traj
 
     async def run_lockstep(self, requests: list[tuple[str, int]], temperature: float) -> dict:

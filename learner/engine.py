@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import pad_sequence
 from common.config import LearnerConfig
 from common.records import Trajectory
 from learner.grpo import grpo_loss, sft_loss, token_mask
+from learner.loss_terms import TermBatch
 from policy.vla import VLAPolicy
 
 
@@ -71,27 +72,22 @@ def grpo_batch_loss(policy: VLAPolicy, trajs: list[Trajectory], advantages: np.n
 
 
 def sft_batch_loss(policy: VLAPolicy, images: np.ndarray, instructions: list[str], tokens: np.ndarray,
-                   proprio=None, mask: np.ndarray | None = None) -> torch.Tensor:
-    """Cross-entropy on action tokens; images [N, H, W, 3], tokens [N, A] action ids, mask [N, A]
-    (1 = a target; all by default)."""
+                   proprio=None) -> torch.Tensor:
+    """Cross-entropy on action tokens; images [N, H, W, 3], tokens [N, A] action ids."""
     logits = policy.action_logits(images, instructions, proprio)
     # np.array copies: arrays read from the object store are read-only, which torch warns about
     target = torch.from_numpy(np.array(tokens, dtype=np.int64)).to(logits.device) - policy.action_tokenizer.first_id
-    weights = (torch.ones_like(target, dtype=torch.float32) if mask is None
-               else torch.from_numpy(np.array(mask, dtype=np.float32)).to(logits.device))  # [N, A]
-    return sft_loss(logits, target, weights)
+    return sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
 
 
 class LearnerEngine:
-    def __init__(self, policy: VLAPolicy, cfg: LearnerConfig, lr: float, micro_batch: int, grad_accum: int,
-                 frozen_modules=()):
+    def __init__(self, policy: VLAPolicy, cfg: LearnerConfig, lr: float, micro_batch: int, grad_accum: int):
         import deepspeed
 
         self.policy = policy
         self.cfg = cfg
         self.micro_batch = micro_batch
         policy.model.split_action_head()  # the head's other 31,808 rows are never read: no gradient, no optimiser state
-        policy.model.freeze(frozen_modules)  # learner.frozen_modules / sft.frozen_modules
         params = [p for p in policy.model.parameters() if p.requires_grad]
         # fused: one kernel over the parameters (ZeRO-1/2: its flat fp32 partition) instead of a pass per elementwise op;
         # the demo policy's optimiser step (8.7M parameters) takes ~21 ms instead of ~48 on 2 CPU cores
@@ -126,36 +122,30 @@ class LearnerEngine:
         return [logp[i, : t.tokens.size].reshape(t.tokens.shape).float().numpy() for i, t in enumerate(trajs)]
 
     def grpo_minibatch(self, trajs: list[Trajectory], advantages: np.ndarray, temperature: float, old_logprobs=None,
-                       bc_terms: list[tuple[str, float, tuple]] = ()) -> StepStats:
-        """One optimiser step over this rank's slice of a mini-batch (micro-batched). Each of
-        `bc_terms` (name, coef, (images, instructions, tokens, proprio, mask or None)), split over the
-        micro-batches, adds coef x its action-token cross-entropy to the loss, logged as `{name}_loss`
-        (learner.demo_bc_coef, learner.success_replay_coef)."""
+                       terms: list[TermBatch] = ()) -> StepStats:
+        """One optimiser step over this rank's slice of a mini-batch (micro-batched). Each loss term's
+        samples are split over the micro-batches; it adds weight x their action-token cross-entropy
+        to the loss, logged as `{name}_loss` (learner.loss_terms)."""
         totals: dict[str, float] = {}
-        n_micro, bc_losses = 0, {name: [] for name, _, _ in bc_terms}
+        term_losses: dict[str, list[float]] = {t.name: [] for t in terms}
         starts = range(0, len(trajs), self.micro_batch)
-        parts = [np.array_split(np.arange(len(batch[0])), len(starts)) for _, _, batch in bc_terms]
+        parts = [np.array_split(np.arange(len(t.images)), len(starts)) for t in terms]
         for i, start in enumerate(starts):
             sl = slice(start, start + self.micro_batch)
             loss, stats = grpo_batch_loss(self.policy, trajs[sl], advantages[sl], temperature, self.cfg,
                                           None if old_logprobs is None else old_logprobs[sl])
-            for (name, coef, batch), term_parts in zip(bc_terms, parts):
-                part = term_parts[i]
-                if not len(part):
-                    continue
-                images, instructions, tokens, proprio, mask = batch
-                bc = sft_batch_loss(self.policy, images[part], [instructions[j] for j in part], tokens[part],
-                                    None if proprio is None else proprio[part], None if mask is None else mask[part])
-                loss = loss + coef * bc
-                bc_losses[name].append(float(bc.detach()))
+            for term, term_parts in zip(terms, parts):
+                if len(term_parts[i]):
+                    term_loss = sft_batch_loss(self.policy, *term.part(term_parts[i]))
+                    loss = loss + term.weight * term_loss
+                    term_losses[term.name].append(float(term_loss.detach()))
             self.engine.backward(loss)
             self._step()
             stats["loss"] = float(loss.detach())
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-            n_micro += 1
-        means = {k: v / n_micro for k, v in totals.items()}
-        means.update({f"{name}_loss": float(np.mean(v)) for name, v in bc_losses.items() if v})
+        means = {k: v / len(starts) for k, v in totals.items()}
+        means.update({f"{name}_loss": float(np.mean(v)) for name, v in term_losses.items() if v})
         return StepStats(loss=means.pop("loss"), grad_norm=self._grad_norm(), extra=means)
 
     # --- SFT --------------------------------------------------------------------------------

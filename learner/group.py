@@ -8,7 +8,6 @@ mini-batch, so payloads go from the object store straight to the rank that needs
 from __future__ import annotations
 
 import socket
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,8 @@ import torch
 
 from common.config import RunConfig
 from common.records import Trajectory
-from learner.success_replay import SuccessReplay
-from learner.weight_average import WeightAverage
+from learner.loss_terms import LossTerm
+from learner.sft_data import DemoSamples
 
 
 def _free_port() -> int:
@@ -33,18 +32,14 @@ class LearnerWorker:
         torch.set_num_threads(max(1, int(cfg.cluster.learner_cpus)))  # the CPUs Ray reserved for this rank
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.engine = None
-        self.ema: WeightAverage | None = None  # learner.ema_decay
-        # (name, coef, samples per mini-batch, DemoSamples): learner.demo_bc_coef, learner.rehearsal_coef
-        self.sample_terms: list[tuple] = []
-        self.replay: SuccessReplay | None = None  # learner.success_replay_coef
-        self.bc_rng = np.random.default_rng(cfg.seed + rank)
+        self.loss_terms: list[LossTerm] = []  # learner.loss_terms
+        self.term_rng = np.random.default_rng(cfg.seed + rank)  # each rank draws its own term samples
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, master_addr: str, master_port: int, policy_path: str, mode: str, seed: int, demos=None,
-              rehearsal=None) -> int:
-        from learner.engine import LearnerEngine, init_distributed
+    def _load(self, master_addr: str, master_port: int, policy_path: str, seed: int) -> None:
+        from learner.engine import init_distributed
         from policy.checkpoint import load_policy
 
         if self.engine is None:
@@ -53,33 +48,29 @@ class LearnerWorker:
         self.policy = load_policy(policy_path, unnorm_key=self.cfg.policy.unnorm_key, dtype=self.cfg.policy.dtype,
                                   policy=self.cfg.policy)
         self.policy.model.train()
+
+    def setup_sft(self, master_addr: str, master_port: int, policy_path: str, seed: int) -> int:
+        """SFT: sft.lr, sft.batch_size per optimiser step, split over ranks and micro-batches."""
+        from learner.engine import LearnerEngine
+
+        self._load(master_addr, master_port, policy_path, seed)
+        per_rank = self.cfg.sft.batch_size // self.world_size
+        micro = min(self.cfg.sft.micro_batch_size or self.cfg.learner.micro_batch_size, per_rank)
+        self.engine = LearnerEngine(self.policy, self.cfg.learner, self.cfg.sft.lr, micro, max(1, per_rank // micro))
+        return sum(p.numel() for p in self.policy.model.parameters())
+
+    def setup_grpo(self, master_addr: str, master_port: int, policy_path: str, seed: int,
+                   term_samples: dict[str, DemoSamples]) -> int:
+        """GRPO: learner.lr, one optimiser step per mini-batch; `term_samples` holds the samples of
+        every configured loss term."""
+        from learner.engine import LearnerEngine
+
+        self._load(master_addr, master_port, policy_path, seed)
         lc = self.cfg.learner
-        if mode == "sft":
-            per_rank = self.cfg.sft.batch_size // self.world_size
-            micro = min(self.cfg.sft.micro_batch_size or lc.micro_batch_size, per_rank)
-            self.engine = LearnerEngine(self.policy, lc, self.cfg.sft.lr, micro, max(1, per_rank // micro),
-                                        self.cfg.sft.frozen_modules)
-        else:
-            per_rank = lc.mini_batch_size // self.world_size
-            self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_size, per_rank // lc.micro_batch_size,
-                                        lc.frozen_modules)
-            if lc.ema_decay is not None:  # the average starts at the policy RL starts from
-                self.ema = WeightAverage(self.policy.model, lc.ema_decay)
-            self.sample_terms = []
-            for name, field, size, samples, what in (
-                ("demo_bc", "demo_bc_coef", lc.demo_bc_batch_size, demos, "the demonstrations (LearnerGroup.setup demos=)"),
-                ("rehearsal", "rehearsal_coef", lc.rehearsal_batch_size, rehearsal,
-                 "the rehearsal demos (LearnerGroup.setup rehearsal=)"),
-            ):
-                coef = getattr(lc, field)
-                if coef > 0:
-                    if samples is None:
-                        raise ValueError(f"learner.{field} > 0 needs {what}")
-                    if not self.policy.uses_proprio:
-                        samples.proprio = None
-                    self.sample_terms.append((name, coef, size, samples))
-            if lc.success_replay_coef > 0:
-                self.replay = SuccessReplay(lc.success_replay_capacity)
+        per_rank = lc.mini_batch_size // self.world_size
+        self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_size, per_rank // lc.micro_batch_size)
+        self.loss_terms = [LossTerm(name, term.weight, term.batch_size, term_samples[name])
+                           for name, term in lc.loss_terms.items()]
         return sum(p.numel() for p in self.policy.model.parameters())
 
     def grpo_step(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray, lr: float | None = None) -> dict:
@@ -96,23 +87,10 @@ class LearnerWorker:
                 old = None
                 if lc.recompute_old_logprobs:
                     old = self.engine.recompute_logprobs(trajs, self.cfg.rollout.temperature)
-                bc_terms = []
-                for name, coef, size, samples in self.sample_terms:
-                    drawn = samples.batch(size, self.policy.stats, self.policy.action_tokenizer, self.bc_rng)
-                    bc_terms.append((name, coef, (*drawn, None)))
-                if self.replay is not None:  # successes of earlier mini-batches only
-                    replayed = self.replay.batch(lc.success_replay_batch_size, self.bc_rng)
-                    if replayed is not None:
-                        bc_terms.append(("success_replay", lc.success_replay_coef, replayed))
-                s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, old, bc_terms)
-                if self.replay is not None:
-                    self.replay.add(trajs)
+                terms = [term.draw(self.policy, self.term_rng) for term in self.loss_terms]
+                s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, old, terms)
                 stats.append({"loss": s.loss, "grad_norm": s.grad_norm, **s.extra})
-        if self.ema is not None:
-            self.ema.update(self.policy.model)
         out = {k: float(np.mean([s[k] for s in stats if k in s])) for k in dict.fromkeys(k for s in stats for k in s)}
-        if self.replay is not None:
-            out["success_replay_size"] = float(len(self.replay))
         return {**out, "lr": self.engine.lr}
 
     def sft_step(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio=None) -> dict:
@@ -125,42 +103,28 @@ class LearnerWorker:
         return [ray.put(self.engine.weights())] if self.rank == 0 else []
 
     def save_policy(self, folder: str) -> None:
-        """The servable policy: the weight average when learner.ema_decay is set."""
         if self.rank == 0:
             from policy.checkpoint import save_policy
 
-            with self.ema.swapped_into(self.policy.model) if self.ema is not None else nullcontext():
-                save_policy(self.policy, folder)
+            save_policy(self.policy, folder)
 
     def save_state(self, folder: str, client_state: dict) -> None:
         self.engine.save(folder, client_state)
         # per rank: DeepSpeed writes client_state from rank 0 only, and every rank loads that copy
-        torch.save({"torch_rng": torch.get_rng_state(), "bc_rng": self.bc_rng.bit_generator.state},
+        torch.save({"torch_rng": torch.get_rng_state(), "term_rng": self.term_rng.bit_generator.state},
                    Path(folder) / f"rng_rank{self.rank}.pt")
-        if self.ema is not None and self.rank == 0:  # every rank holds the same average
-            self.ema.save(Path(folder) / "ema.safetensors")
-        if self.replay is not None:  # every rank keeps the successes of its own slices
-            self.replay.save(Path(folder) / f"success_replay_rank{self.rank}")
 
     def load_state(self, folder: str) -> dict:
         state = self.engine.load(folder)
-        legacy = {"torch_rng": state.pop("torch_rng", None), "bc_rng": state.pop("demo_rng", None)}  # rank 0's, older checkpoints
         path = Path(folder) / f"rng_rank{self.rank}.pt"
-        rng = torch.load(path, weights_only=False) if path.is_file() else legacy
+        # older checkpoints: rank 0's RNGs in the client state, and the term RNG under earlier names
+        rng = torch.load(path, weights_only=False) if path.is_file() else {
+            "torch_rng": state.pop("torch_rng", None), "term_rng": state.pop("demo_rng", None)}
+        term_rng = rng.get("term_rng", rng.get("bc_rng"))
         if rng["torch_rng"] is not None:
             torch.set_rng_state(rng["torch_rng"])
-        if rng["bc_rng"] is not None:
-            self.bc_rng.bit_generator.state = rng["bc_rng"]
-        if self.ema is not None:
-            path = Path(folder) / "ema.safetensors"
-            if not path.is_file():
-                raise FileNotFoundError(f"learner.ema_decay is set but the checkpoint {folder} holds no ema.safetensors")
-            self.ema.load(path)
-        if self.replay is not None:
-            path = Path(folder) / f"success_replay_rank{self.rank}"
-            if not path.is_dir():
-                raise FileNotFoundError(f"learner.success_replay_coef is set but the checkpoint {folder} holds no {path.name}")
-            self.replay.load(path)
+        if term_rng is not None:
+            self.term_rng.bit_generator.state = term_rng
         return state
 
 
@@ -177,11 +141,12 @@ class LearnerGroup:
     def _all(self, method: str, *args):
         return ray.get([getattr(w, method).remote(*args) for w in self.workers], timeout=self.timeout)
 
-    def setup(self, policy_path: str, mode: str, seed: int, demos=None, rehearsal=None) -> int:
-        """`demos` and `rehearsal` (DemoSamples) for learner.demo_bc_coef and learner.rehearsal_coef: put in the
-        object store once, read by every rank."""
-        refs = [None if x is None else ray.put(x) for x in (demos, rehearsal)]
-        return self._all("setup", self.master[0], self.master[1], str(policy_path), mode, seed, *refs)[0]
+    def setup_sft(self, policy_path: str, seed: int) -> int:
+        return self._all("setup_sft", *self.master, str(policy_path), seed)[0]
+
+    def setup_grpo(self, policy_path: str, seed: int, term_samples: dict[str, DemoSamples]) -> int:
+        """`term_samples` (learner.loss_terms) go into the object store once, read by every rank."""
+        return self._all("setup_grpo", *self.master, str(policy_path), seed, ray.put(term_samples))[0]
 
     def grpo_step_async(self, traj_refs: list, advantages: np.ndarray, order: np.ndarray, lr: float | None = None) -> list:
         return [w.grpo_step.remote(traj_refs, advantages, order, lr) for w in self.workers]

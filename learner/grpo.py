@@ -1,4 +1,4 @@
-"""GRPO pieces as pure torch functions: advantages, masks, the clip-higher loss, dynamic sampling.
+"""GRPO pieces as pure torch functions: advantages, the dynamic-sampling rule, masks, the clip-higher loss.
 
 Shapes: N trajectories in a step, B trajectories in a (micro-)batch, T policy queries (chunks)
 per trajectory, L = T * chunk * dims action tokens per trajectory, V = 256 action bins.
@@ -6,9 +6,6 @@ per trajectory, L = T * chunk * dims action tokens per trajectory, V = 256 actio
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,36 +43,6 @@ def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.
 def keep_group(success_rate: float, low: float = 0.1, high: float = 0.9) -> bool:
     """Dynamic sampling: keep a group whose mean success is within [low, high] (inclusive)."""
     return bool(low <= success_rate <= high)
-
-
-def dynamic_sampling_mask(
-    rewards: torch.Tensor, group_index: torch.Tensor, low: float = 0.1, high: float = 0.9
-) -> torch.Tensor:
-    """[N] bool: trajectories whose group mean reward lies in [low, high]."""
-    rewards = torch.as_tensor(rewards, dtype=torch.float32)  # [N]
-    group_index = torch.as_tensor(group_index, device=rewards.device)  # [N]
-    inverse, counts, g = _group_ids(group_index)
-    mean = _group_mean(rewards, inverse, counts, g)[inverse]  # [N]
-    return (mean >= low) & (mean <= high)
-
-
-def pad_trajectories(
-    arrays: Sequence[np.ndarray | torch.Tensor], pad_value: float = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack [T_i, ...] arrays into ([B, T_max, ...], valid [B, T_max] bool), padding with pad_value.
-
-    Padding `executed` (pad_value=False) makes token_mask() also mask the padded chunks.
-    """
-    if len(arrays) == 0:
-        raise ValueError("pad_trajectories needs at least one array")
-    tensors = [torch.as_tensor(a) for a in arrays]
-    lengths = torch.tensor([t.shape[0] for t in tensors])  # [B]
-    t_max = int(lengths.max())
-    out = tensors[0].new_full((len(tensors), t_max, *tensors[0].shape[1:]), pad_value)  # [B, T_max, ...]
-    for i, t in enumerate(tensors):
-        out[i, : t.shape[0]] = t
-    valid = torch.arange(t_max)[None, :] < lengths[:, None]  # [B, T_max]
-    return out, valid
 
 
 def token_mask(executed: torch.Tensor, dims: int) -> torch.Tensor:
@@ -118,12 +85,6 @@ def grpo_loss(
             "adv_mean": float(advantages.float().mean()) if advantages.numel() else 0.0,
         }
     return loss, stats
-
-
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logits [..., V] -> entropy [...] of softmax(logits / temperature), in nats."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
-    return -(logp.exp() * logp).sum(-1)  # [...]
 
 
 def sft_loss(action_logits: torch.Tensor, target_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

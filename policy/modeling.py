@@ -167,19 +167,6 @@ class OpenVLAOFTPolicy(nn.Module):
         self.register_state_dict_post_hook(_merge_action_head)
         self.register_load_state_dict_pre_hook(_split_action_head)
 
-    def freeze(self, names) -> None:
-        """Hold these parts fixed (learner.frozen_modules, sft.frozen_modules): no gradient and no
-        optimiser state, and autograd skips the backward through a frozen front end altogether."""
-        parts = {"vision_backbone": self.vision_backbone, "projector": self.projector,
-                 "proprio_projector": self.proprio_projector, "action_queries": self.action_queries,
-                 "text_embeddings": self.language_model.get_input_embeddings()}
-        for name in names:
-            if name not in parts:
-                raise ValueError(f"frozen_modules: unknown module {name!r}; known: {sorted(parts)}")
-            if parts[name] is None:
-                raise ValueError(f"frozen_modules: this policy has no {name} (see its config)")
-            parts[name].requires_grad_(False)
-
     def action_head_weight(self) -> torch.Tensor:  # [256, H]
         if self.action_head is not None:
             return self.action_head

@@ -88,7 +88,7 @@ def bench_pipeline(args) -> dict:
     finally:
         rollout.shutdown()
         ray.shutdown()
-    steps = sum(m["env_steps"] for _, m, _ in done)
+    steps = sum(d.meta.env_steps for d in done)
     return {"workers": args.workers, "envs_per_worker": args.envs_per_worker, "image_size": args.size, "msaa": args.msaa,
             "episodes": len(done), "env_steps": steps, "seconds": seconds, "env_steps_per_s": steps / seconds,
             "env_steps_per_s_per_worker": steps / seconds / args.workers, "policy": "random tiny (configs/tiny.yaml)",

@@ -2,7 +2,7 @@
 
     python scripts/bench_rollout.py [configs/demo.yaml] [--rounds N] [key=value ...]
 
-Prints env steps/s, mean inference batch size, queue depth and the machine's CPU time per env step
+Prints env steps/s, mean inference batch size and the machine's CPU time per env step
 (all processes; run it alone) for both modes and their ratio;
 writes run_dir/bench_rollout.json. The policy is `policy.path` if set (e.g. runs/demo/rl_policy),
 else a random one of the configured size. A random policy never succeeds, so every episode runs to
@@ -62,7 +62,7 @@ def main() -> None:
             start = time.perf_counter()
             if mode == "ours":
                 done = rollout.pool.run_all([Episode(t, s, cfg.rollout.temperature, False) for t, s in requests * rounds], 1800)
-                steps = sum(m["env_steps"] for _, m, _ in done)
+                steps = sum(d.meta.env_steps for d in done)
             else:
                 per = cfg.cluster.envs_per_worker
                 shards = [requests[i * per:(i + 1) * per] for i in range(len(rollout.pool.workers))]
@@ -78,7 +78,6 @@ def main() -> None:
             batches = max(after["batches"] - before["batches"], 1)
             results[mode] = {"env_steps": steps, "seconds": seconds, "env_steps_per_s": steps / seconds,
                              "mean_inference_batch": (after["served"] - before["served"]) / batches,
-                             "queue_depth": ray.get(rollout.queue.size.remote()),
                              "cpu_ms_per_env_step": 1000 * busy / max(steps, 1),
                              "cpu_busy_fraction": busy / seconds / psutil.cpu_count()}
     finally:
@@ -88,7 +87,7 @@ def main() -> None:
     for mode in ("ours", "lockstep"):
         r = results[mode]
         print(f"{mode:>9}: {r['env_steps_per_s']:7.1f} env steps/s  mean inference batch {r['mean_inference_batch']:5.2f}  "
-              f"queue depth {r['queue_depth']}  CPU {r['cpu_ms_per_env_step']:.2f} ms/env step, "
+              f"CPU {r['cpu_ms_per_env_step']:.2f} ms/env step, "
               f"{100 * r['cpu_busy_fraction']:.0f} % busy  ({r['env_steps']} steps in {r['seconds']:.1f}s)")
     print(f"ratio ours / lock-step: {results['ratio_ours_over_lockstep']:.2f}x")
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

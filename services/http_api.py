@@ -8,200 +8,36 @@ Concurrent requests share one forward pass (`@serve.batch`). Actions are un-norm
 no environment-specific post-processing (e.g. LIBERO's gripper flip).
 Every client mistake is a 4xx JSON error {"error": {"status", "code", "message", "field"}}.
 Contract: docs/serving.md. RayService import path: `services.http_api:app_builder`.
+The parts: request schema and app args (http_schemas), errors (http_errors), auth (http_auth),
+body reading (http_body), image decoding (image_decoding).
 """
 
 import asyncio
-import base64
-import binascii
-import hashlib
-import hmac
-import io
-import json
 import logging
-import os
-import re
 import time
 import zlib
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
-from common.config import PolicyConfig
 from common.records import ActionChunk, Observation
+from services.http_auth import check_bearer, resolve_token, token_digest_hex
+from services.http_body import read_json_body
+from services.http_errors import APIError, schema_error
+from services.http_schemas import (MAX_INSTRUCTION_CHARS, MAX_PROMPT_TOKENS, MAX_PROPRIO_DIMS, MAX_TEMPERATURE,
+                                   MIN_IMAGE_SIDE, ActRequest, HTTPApiArgs)
+from services.image_decoding import decode_image
+
+__all__ = ["APP_NAME", "HTTPApiArgs", "app_builder", "build_app", "start_http_api"]
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "vla-http-api"
-TOKEN_ENV = "VLA_API_TOKEN"
-MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_IMAGE_SIDE = 1024
-MIN_IMAGE_SIDE = 16
-MAX_INSTRUCTION_CHARS = 512
-MAX_PROMPT_TOKENS = 600
-MAX_PROPRIO_DIMS = 64
-MAX_TEMPERATURE = 5.0
-TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]{16,512}=*")
-REALM = 'Bearer realm="vla-grpo"'
-
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class ImageIn(_Strict):
-    format: Literal["png", "jpeg", "raw"]
-    data: str = Field(min_length=1, description="standard base64 (RFC 4648), no line breaks")
-    shape: list[int] | None = Field(None, min_length=3, max_length=3, description="[H, W, 3]; raw only")
-
-    @model_validator(mode="after")
-    def _shape_only_for_raw(self):
-        if self.format == "raw" and self.shape is None:
-            raise ValueError("shape [H, W, 3] is required for raw images")
-        if self.format != "raw" and self.shape is not None:
-            raise ValueError(f"shape is only for raw images ({self.format} data carries its own size)")
-        return self
-
-
-class ActRequest(_Strict):
-    image: ImageIn
-    instruction: str = Field(min_length=1, max_length=MAX_INSTRUCTION_CHARS)
-    proprio: list[Finite] | None = Field(None, max_length=MAX_PROPRIO_DIMS)
-    greedy: bool = True
-    temperature: Annotated[float, Field(gt=0, le=MAX_TEMPERATURE, allow_inf_nan=False)] | None = None
-
-    @field_validator("instruction")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
-
-
-class HTTPApiArgs(BaseModel):
-    """Arguments of `app_builder` (the `args:` of a Serve config / RayService application)."""
-
-    model_config = ConfigDict(extra="forbid")
-    policy_path: str
-    token_file: str | None = None
-    auth: bool = True
-    unnorm_key: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    policy: PolicyConfig | None = None  # the run's: what official folders do not record (chunk, center_crop)
-    max_batch_size: int = Field(16, gt=0, le=256)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=1)
-    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, le=64 * 1024 * 1024)
-    max_image_side: int = Field(MAX_IMAGE_SIDE, ge=MIN_IMAGE_SIDE, le=4096)
-    model_version: int = Field(0, ge=0)
-    num_replicas: int = Field(1, gt=0)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica")
-    torch_threads: int | None = Field(None, gt=0)
-    seed: int = 0
-
-
-class APIError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 details: list | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.field, self.details, self.headers = (
-            status, code, message, field, details, headers)
-
-    def response(self) -> JSONResponse:
-        err = {"status": self.status, "code": self.code, "message": self.message, "field": self.field}
-        if self.details:
-            err["details"] = self.details
-        return JSONResponse({"error": err}, status_code=self.status, headers=self.headers)
-
-
-def _validation_error(exc: ValidationError) -> APIError:
-    details = []
-    for e in exc.errors(include_url=False, include_input=False, include_context=False):
-        field = ".".join(str(p) for p in e["loc"]) or "body"
-        details.append({"field": field, "message": e["msg"].removeprefix("Value error, ")})
-    first = details[0]
-    more = f" (+{len(details) - 1} more)" if len(details) > 1 else ""
-    return APIError(422, "invalid_request", f"{first['field']}: {first['message']}{more}", first["field"], details)
-
-
-def _check_side(h: int, w: int, max_side: int, field: str) -> None:
-    if not (MIN_IMAGE_SIDE <= h <= max_side and MIN_IMAGE_SIDE <= w <= max_side):
-        raise _bad_image(f"image is {h}x{w} (HxW); each side must be {MIN_IMAGE_SIDE}..{max_side} pixels", field,
-                         "image_too_large" if max(h, w) > max_side else "image_too_small")
-
-
-def _unauthorized(code: str, message: str, error: str | None = None) -> APIError:
-    www = REALM + (f', error="{error}"' if error else "")
-    return APIError(401, code, message, "headers.authorization", headers={"WWW-Authenticate": www})
-
-
-def _bad_image(message: str, field: str = "image.data", code: str = "invalid_image") -> APIError:
-    return APIError(422, code, f"{field}: {message}", field)
-
-
-def decode_image(img: ImageIn, max_side: int) -> np.ndarray:
-    """Base64 PNG/JPEG/raw -> [H, W, 3] uint8, with size and channel checks before pixel decoding."""
-    try:
-        data = base64.b64decode(img.data, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise _bad_image(f"not valid base64 ({e})", code="invalid_base64") from None
-    if img.format == "raw":
-        h, w, c = img.shape
-        _check_side(h, w, max_side, "image.shape")
-        if c != 3:
-            raise _bad_image(f"{c} channels; 3 (RGB) are required", "image.shape")
-        if len(data) != h * w * 3:
-            raise _bad_image(f"{len(data)} bytes do not match shape {img.shape} ({h * w * 3} uint8 bytes expected)")
-        return np.frombuffer(data, np.uint8).reshape(h, w, 3)
-    from PIL import Image, UnidentifiedImageError
-
-    fmt = {"png": "PNG", "jpeg": "JPEG"}[img.format]
-    try:
-        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
-            w, h = im.size  # from the header: a decompression bomb is refused before decoding
-            _check_side(h, w, max_side, "image.data")
-            if im.mode != "RGB":
-                raise _bad_image(f"a 3-channel 8-bit RGB image is required, got mode {im.mode!r} "
-                                 f"({len(im.getbands())} channel(s))")
-            im.load()
-            return np.asarray(im, dtype=np.uint8).copy()
-    except APIError:
-        raise
-    except UnidentifiedImageError:
-        raise _bad_image(f"not a {fmt} image") from None
-    except Exception as e:  # truncated or corrupt data: the client's bytes, never a server fault
-        raise _bad_image(f"corrupt {fmt} image ({type(e).__name__}: {e})") from None
-
-
-def resolve_token(token: str | None = None, token_file: str | None = None, auth: bool = True) -> str | None:
-    """The API token (explicit > token_file > $VLA_API_TOKEN); None only when auth is off."""
-    if not auth:
-        return None
-    if token is None and token_file:
-        try:
-            token = Path(token_file).expanduser().read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read the API token file {token_file!r}: {e}") from None
-    if token is None:
-        token = os.environ.get(TOKEN_ENV)
-    if not token or not token.strip():
-        raise ValueError(f"auth is on but no API token is configured: pass token_file=FILE, set ${TOKEN_ENV}, or "
-                         "explicitly pass auth=False (trusted networks only)")
-    token = token.strip()
-    if not TOKEN_RE.fullmatch(token):
-        raise ValueError("the API token must be 16-512 characters of A-Z a-z 0-9 - . _ ~ + / (e.g. "
-                         "python -c 'import secrets; print(secrets.token_urlsafe(32))')")
-    return token
 
 
 app = FastAPI(title="vla-grpo policy API", docs_url=None, redoc_url=None, openapi_url=None)
@@ -244,56 +80,13 @@ class PolicyHTTPDeployment:
         self.stats = {"served": 0, "batches": 0, "forward_passes": 0, "max_batch_size_seen": 0}
         self.version = self.args.model_version
 
-    def _check_auth(self, request: Request) -> None:
-        if self.token_digest is None:
-            return
-        scheme, _, presented = (request.headers.get("authorization") or "").partition(" ")
-        if not scheme:
-            raise _unauthorized("missing_token", "missing 'Authorization: Bearer <token>' header")
-        if scheme.lower() != "bearer" or not presented.strip():
-            raise _unauthorized("invalid_request", "the Authorization header must be 'Bearer <token>'", "invalid_request")
-        if not hmac.compare_digest(hashlib.sha256(presented.strip().encode("latin-1")).digest(), self.token_digest):
-            raise _unauthorized("invalid_token", "the bearer token is not valid", "invalid_token")
-
-    async def _read_json(self, request: Request):
-        ctype = request.headers.get("content-type")
-        media, _, params = (ctype or "").partition(";")
-        charset = params.strip().lower().replace(" ", "")
-        if media.strip().lower() != "application/json" or charset not in ("", "charset=utf-8"):
-            raise APIError(415, "unsupported_media_type", f"Content-Type must be application/json (UTF-8); got {ctype!r}",
-                           "headers.content-type")
-        limit = self.args.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:  # uvicorn refuses malformed ones
-            raise APIError(413, "body_too_large", f"body: {length} bytes exceeds the {limit}-byte limit", "body")
-        parts, size = [], 0
-        try:
-            async for part in request.stream():
-                size += len(part)
-                if size > limit:
-                    raise APIError(413, "body_too_large", f"body: more than the {limit}-byte limit was sent", "body")
-                parts.append(part)
-        except ClientDisconnect:
-            raise APIError(400, "client_disconnected", "the client went away while sending the body", "body") from None
-        raw = b"".join(parts)
-        if not raw:
-            raise APIError(400, "invalid_json", "body: empty; a JSON object is required", "body")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise APIError(400, "invalid_encoding", f"body: not valid UTF-8 (byte {e.start})", "body") from None
-        try:
-            return json.loads(text)
-        except (ValueError, RecursionError) as e:
-            raise APIError(400, "invalid_json", f"body: not valid JSON ({str(e)[:200]})", "body") from None
-
     @app.get("/healthz")
     async def healthz(self):
         return {"status": "ok"}
 
     @app.get("/v1/info")
     async def info(self, request: Request):
-        self._check_auth(request)
+        check_bearer(request.headers.get("authorization"), self.token_digest)
         cfg = self.policy.model.config
         return {
             "model": {"image_size": cfg.image_size, "vision_backbone": cfg.vision_backbone,
@@ -312,12 +105,12 @@ class PolicyHTTPDeployment:
     @app.post("/v1/act")
     async def act(self, request: Request):
         start = time.perf_counter()
-        self._check_auth(request)
-        body = await self._read_json(request)
+        check_bearer(request.headers.get("authorization"), self.token_digest)
+        body = await read_json_body(request, self.args.max_body_bytes)
         try:
             req = ActRequest.model_validate(body)
         except ValidationError as e:
-            raise _validation_error(e) from None
+            raise schema_error(e) from None
         n_tokens = len(self.policy.prompts.ids(req.instruction))
         if n_tokens > self.max_prompt_tokens:
             raise APIError(422, "invalid_request", f"instruction: {n_tokens} tokens after tokenization; "
@@ -353,7 +146,7 @@ class PolicyHTTPDeployment:
 def build_app(args: HTTPApiArgs, token: str | None = None) -> Application:
     """Resolves the token (no token + auth on = error); replicas get only its SHA-256, never the plaintext."""
     token = resolve_token(token, args.token_file, args.auth)
-    digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    digest = token_digest_hex(token)
     options = {"num_replicas": args.num_replicas, "max_ongoing_requests": max(64, 4 * args.max_batch_size),
                "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "resources": args.resources}}
     return PolicyHTTPDeployment.options(**options).bind(args.policy_path, digest, args.model_dump())

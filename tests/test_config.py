@@ -69,11 +69,9 @@ BAD_OVERRIDES = [
     (["rollout.temperature.x=1"], ["rollout.temperature", "not a section"]),
     (["cluster.resources={gpu: x}"], ["cluster.resources", "sim", "inference", "learner"]),
     (["policy.llm.num_heads=3"], ["policy.llm", "divisible"]),
-    (["eval.validate_every=10", "learner.ema_decay=0.9"], ["eval.validate_every", "learner.ema_decay"]),
-    (["learner.demo_bc_coef=-1"], ["learner.demo_bc_coef", "greater than or equal to 0"]),
-    (["learner.rehearsal_coef=0.2"], ["rehearsal_coef", "rehearsal_suite"]),
-    (["learner.rehearsal_coef=0.2", "learner.rehearsal_suite=libero_10"], ["learner.rehearsal_coef", "tabletop", "libero"]),
-    (["sft.frozen_modules=[vision]"], ["sft.frozen_modules.0", "vision_backbone", "text_embeddings"]),
+    (["learner.loss_terms={demo_bc: {weight: -1}}"], ["learner.loss_terms.demo_bc.weight", "greater than 0"]),
+    (["learner.loss_terms={rehearsal: {weight: 1}}"], ["learner.loss_terms", "demo_bc"]),
+    (["rollout.queue_capacity=100"], ["queue_capacity", "groups_per_batch x group_size = 512"]),
 ]
 
 

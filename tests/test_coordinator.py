@@ -1,13 +1,14 @@
-"""Dynamic sampling, surplus, the lag filter, the init-state samplers, and the bounded trajectory queue."""
+"""Dynamic sampling, surplus, the lag filter, the init-state samplers, and the surplus in checkpoints."""
 
 import json
 
 import pytest
-import ray
 
 from actors.coordinator import RolloutCoordinator
+from actors.env_pool import Episode, FinishedEpisode
 from actors.samplers import AdaptiveStateSampler, AdaptiveTaskSampler, InitStateSampler, make_sampler
 from common.config import RolloutConfig
+from common.records import EpisodeMeta
 
 
 def _feed(coord, group_id, key, successes, version=0):
@@ -15,13 +16,14 @@ def _feed(coord, group_id, key, successes, version=0):
 
     coord.open_groups[group_id] = Group(key)
     for s in successes:
-        coord._add({"group": group_id, "task": key[0], "init_state": key[1], "success": bool(s),
-                    "env_steps": 10, "policy_version": version, "ref": [None]})
+        meta = EpisodeMeta(task=key[0], init_state=key[1], success=bool(s), env_steps=10, policy_version=version,
+                           num_chunks=2, seconds=0.1)
+        coord.add(FinishedEpisode(Episode(key[0], key[1], 1.6, greedy=False, tag=group_id), meta, ref=None))
 
 
 def _coordinator(**kw):
     cfg = RolloutConfig(group_size=8, **kw)
-    return RolloutCoordinator(cfg, pool=None, queue=None, sampler=InitStateSampler([("a", 0)], seed=0))
+    return RolloutCoordinator(cfg, pool=None, sampler=InitStateSampler([("a", 0)], seed=0))
 
 
 def test_all_success_and_all_fail_groups_are_dropped():
@@ -143,33 +145,31 @@ def test_state_sampler_moves_a_task_s_groups_to_its_failing_states():
 
 
 def test_coordinator_tells_the_sampler_every_finished_group_kept_or_not():
-    coord = RolloutCoordinator(RolloutConfig(group_size=8), pool=None, queue=None,
+    coord = RolloutCoordinator(RolloutConfig(group_size=8), pool=None,
                                sampler=AdaptiveTaskSampler([("a", 0), ("b", 0)], seed=0, ema=0.5))
     _feed(coord, 0, ("a", 0), [1] * 8)  # all success: filtered, failure rate 1 -> 0.5
     _feed(coord, 1, ("b", 0), [1, 1] + [0] * 6)  # kept, failure rate 1 -> 0.875
     assert coord.sampler.failure_rate == pytest.approx({"a": 0.5, "b": 0.875})
     assert [g.key for g in coord.ready] == [("b", 0)]
-    per_state = RolloutCoordinator(RolloutConfig(group_size=8), pool=None, queue=None,
+    per_state = RolloutCoordinator(RolloutConfig(group_size=8), pool=None,
                                    sampler=AdaptiveStateSampler([("a", 0), ("a", 1)], seed=0, group_size=8))
     _feed(per_state, 0, ("a", 1), [1] * 8)  # the state's own counts: solved there, not at state 0
     assert per_state.sampler.counts == {("a", 1): [8.0, 8.0]}
     assert per_state.sampler.state_weight("a", 1) < 0.05 < per_state.sampler.state_weight("a", 0)
 
 
-def test_queue_holds_refs_applies_backpressure_and_drops_stale(ray_cluster):
-    from actors.trajectory_queue import TrajectoryQueue
-
-    q = TrajectoryQueue.remote(2)
-    payload = ray.put("trajectory")
-    assert ray.get(q.put.remote({"policy_version": 0, "ref": [payload]}))
-    assert ray.get(q.put.remote({"policy_version": 1, "ref": [payload]}))
-    assert ray.get(q.put.remote({"policy_version": 1, "ref": [payload]}, timeout_s=0.2)) is False  # full
-    assert ray.get(q.drop_older_than.remote(1)) == 1
-    items = ray.get(q.get.remote(10))
-    assert len(items) == 1 and isinstance(items[0]["ref"][0], ray.ObjectRef)
-    assert ray.get(items[0]["ref"][0]) == "trajectory"
-    assert ray.get(q.get.remote(1, timeout_s=0.1)) == []
-    ray.kill(q)
+def test_surplus_survives_a_checkpoint_round_trip_in_order():
+    coord = _coordinator(keep_surplus=True)
+    for gid, version in enumerate([3, 4]):
+        _feed(coord, gid, ("a", gid), [1, 0, 0, 0, 0, 0, 0, 1], version=version)
+    metas, refs = coord.surplus_state()
+    state = json.loads(json.dumps(metas))  # what a checkpoint's state.json holds
+    again = _coordinator(keep_surplus=True)
+    again.restore_surplus(state, [f"trajectory {i}" for i in range(len(refs))])
+    assert [g.key for g in again.ready] == [("a", 0), ("a", 1)] and [g.policy_version for g in again.ready] == [3, 4]
+    assert [e.ref for g in again.ready for e in g.episodes] == [f"trajectory {i}" for i in range(16)]
+    assert [e.meta for g in again.ready for e in g.episodes] == [e.meta for g in coord.ready for e in g.episodes]
+    assert again.buffered() == 16
 
 
 def test_unschedulable_env_workers_fail_naming_the_fields_to_change(ray_cluster, monkeypatch):

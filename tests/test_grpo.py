@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
-from learner.grpo import (
-    dynamic_sampling_mask,
-    group_advantages,
-    grpo_loss,
-    keep_group,
-    pad_trajectories,
-    sft_loss,
-    token_entropy,
-    token_mask,
-)
+from learner.grpo import group_advantages, grpo_loss, keep_group, sft_loss, token_mask
+from policy.sampling import chosen_log_probs
 
 
 def _single_token_loss(ratio: float, adv: float):
@@ -233,32 +226,14 @@ def test_token_mask_matches_tokens_flattening():
     assert torch.equal(m[0, 7 * dims :], torch.zeros(dims))
 
 
-def test_pad_trajectories_different_lengths_and_mask():
-    chunk, dims = 2, 3
-    rng = np.random.default_rng(0)
-    toks = [rng.integers(0, 256, (t, chunk, dims)) for t in (2, 4, 1)]
-    exe = [np.ones((t, chunk), dtype=bool) for t in (2, 4, 1)]
-    exe[1][3, 1] = False  # episode ended inside the last chunk
-    tokens, valid = pad_trajectories(toks)
-    executed, valid2 = pad_trajectories(exe, pad_value=False)
-    assert tokens.shape == (3, 4, chunk, dims) and executed.shape == (3, 4, chunk)
-    assert torch.equal(valid, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool))
-    assert torch.equal(valid, valid2)
-    assert torch.equal(tokens[0, :2], torch.as_tensor(toks[0]))
-    assert (tokens[0, 2:] == 0).all()
-    mask = token_mask(executed, dims)
-    assert mask.sum(-1).tolist() == [2 * chunk * dims, (4 * chunk - 1) * dims, chunk * dims]
-
-
 def test_padded_batch_end_to_end_ratio_one():
-    # varying T through pad -> token_mask -> grpo_loss, with logp == old: loss = -mean(A)
+    # varying T padded as the engine pads (pad_sequence) -> token_mask -> grpo_loss, logp == old: loss = -mean(A)
     dims, chunk = 2, 3
-    lps = [np.random.default_rng(t).normal(size=(t, chunk, dims)).astype(np.float32) for t in (1, 3)]
-    exe = [np.ones((t, chunk), dtype=bool) for t in (1, 3)]
-    old, _ = pad_trajectories(lps, pad_value=float("nan"))
-    executed, _ = pad_trajectories(exe, pad_value=False)
-    mask = token_mask(executed, dims)
-    flat_old = old.reshape(2, -1)
+    lps = [torch.from_numpy(np.random.default_rng(t).normal(size=(t * chunk * dims,)).astype(np.float32)) for t in (1, 3)]
+    exe = [torch.ones((t, chunk), dtype=torch.bool) for t in (1, 3)]
+    flat_old = pad_sequence(lps, batch_first=True, padding_value=float("nan"))
+    mask = token_mask(pad_sequence(exe, batch_first=True), dims)
+    assert mask.sum(-1).tolist() == [chunk * dims, 3 * chunk * dims]
     logp = flat_old.clone().requires_grad_()
     adv = torch.tensor([2.0, -1.0])
     loss, _ = grpo_loss(logp, flat_old, adv, mask)
@@ -280,45 +255,23 @@ def test_keep_group_bounds_inclusive():
     assert keep_group(0.0, low=0.0, high=1.0)
 
 
-def test_dynamic_sampling_mask_groups_of_eight():
-    n = 8
-    rewards, groups = [], []
-    for k in range(n + 1):  # group k has k successes of 8
-        rewards += [1.0] * k + [0.0] * (n - k)
-        groups += [100 - k] * n  # arbitrary labels
-    keep = dynamic_sampling_mask(torch.tensor(rewards), torch.tensor(groups))
-    assert keep.dtype == torch.bool and keep.shape == (9 * n,)
-    per_group = keep.reshape(9, n)
-    assert (per_group.all(1) | ~per_group.any(1)).all()  # whole groups kept or dropped
-    assert per_group[:, 0].tolist() == [False] + [True] * 7 + [False]
-    assert keep.tolist() == [keep_group(r / n) for r in range(n + 1) for _ in range(n)]
-
-
-def test_dynamic_sampling_mask_exact_bounds_are_kept():
-    # groups of 10: 1/10 == low and 9/10 == high are kept (inclusive), 0/10 and 10/10 dropped
-    n = 10
-    rewards = torch.tensor([[1.0] * k + [0.0] * (n - k) for k in (0, 1, 9, 10)]).reshape(-1)
-    groups = torch.arange(4).repeat_interleave(n)
-    keep = dynamic_sampling_mask(rewards, groups, low=0.1, high=0.9)
-    assert keep.reshape(4, n)[:, 0].tolist() == [False, True, True, False]
-
-
 # ---------------------------------------------------------------- entropy and SFT
 
 
-def test_token_entropy_uniform_and_temperature():
-    assert token_entropy(torch.zeros(3, 256), 1.6) == pytest.approx(torch.full((3,), math.log(256)))
+def test_entropy_under_the_sampling_temperature():
+    entropy = lambda logits, t: chosen_log_probs(logits, torch.zeros(logits.shape[:-1], dtype=torch.long), t)[1]  # noqa: E731
+    assert entropy(torch.zeros(3, 256), 1.6) == pytest.approx(torch.full((3,), math.log(256)))
     torch.manual_seed(4)
     logits = torch.randn(4, 5, 256) * 3
-    h1 = token_entropy(logits, 1.0)
-    h16 = token_entropy(logits, 1.6)
+    h1 = entropy(logits, 1.0)
+    h16 = entropy(logits, 1.6)
     assert h1.shape == (4, 5)
     assert (h16 > h1).all() and (h16 <= math.log(256) + 1e-5).all()
     p = F.softmax(logits / 1.6, -1)
     torch.testing.assert_close(h16, -(p * p.log()).sum(-1))
-    peaked = torch.full((256,), -1e4)
-    peaked[3] = 0.0
-    assert token_entropy(peaked, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    peaked = torch.full((1, 256), -1e4)
+    peaked[0, 3] = 0.0
+    assert entropy(peaked, 1.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_sft_loss_matches_cross_entropy():

@@ -257,7 +257,8 @@ def test_still_serves_after_bad_requests(api):
 # ---------------------------------------------------------------- configuration
 def test_auth_is_on_by_default_and_needs_a_token(tmp_path, monkeypatch, tiny_policy_dir):
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from services.http_api import app_builder, resolve_token
+    from services.http_api import app_builder
+    from services.http_auth import resolve_token
 
     monkeypatch.delenv("VLA_API_TOKEN", raising=False)
     with pytest.raises(ValueError, match="no API token is configured"):

@@ -39,31 +39,41 @@ def _run_steps(group, batches, stats_seen=None):
     return losses
 
 
-@pytest.mark.parametrize("replay", [False, True], ids=["grpo", "success_replay"])
-def test_killed_learner_resumes_with_identical_losses(ray_cluster, tiny_policy_dir, tmp_path, replay):
+def _demo_samples(n: int = 6) -> dict:
+    """learner.loss_terms.demo_bc's samples: random demo frames and action chunks in [-1, 1]."""
+    from learner.sft_data import DemoSamples
+
+    rng = np.random.default_rng(5)
+    samples = DemoSamples(images=rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
+                          instructions=["put the red block in the bowl"] * n, chunks=rng.uniform(-1, 1, (n, 8, 7)),
+                          proprio=None, max_shift=2, scene=None)
+    return {"demo_bc": samples}
+
+
+@pytest.mark.parametrize("term", [False, True], ids=["grpo", "demo_bc"])
+def test_killed_learner_resumes_with_identical_losses(ray_cluster, tiny_policy_dir, tmp_path, term):
     from learner.group import LearnerGroup
 
-    extra = ["learner.success_replay_coef=0.5", "learner.success_replay_batch_size=4"] if replay else []
+    extra = ["learner.loss_terms={demo_bc: {weight: 0.5, batch_size: 4}}"] if term else []
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"run_dir={tmp_path}", "learner.lr=0.001", *extra])
+    samples = _demo_samples() if term else {}
     batches = [_batch(s) for s in range(4)]
 
     straight = LearnerGroup(cfg)
-    straight.setup(tiny_policy_dir, "grpo", seed=0)
+    straight.setup_grpo(tiny_policy_dir, 0, samples)
     seen: list[dict] = []
     expected = _run_steps(straight, batches, seen)
     straight.shutdown()
-    if replay:  # rank 0 keeps the 2 successes of its half of every batch and replays them from the next step on
-        assert "success_replay_loss" not in seen[0] and all(s["success_replay_loss"] > 0 for s in seen[1:])
-        assert [s["success_replay_size"] for s in seen] == [2, 4, 6, 8]
+    assert all(("demo_bc_loss" in s) == term for s in seen)
 
     first = LearnerGroup(cfg)
-    first.setup(tiny_policy_dir, "grpo", seed=0)
+    first.setup_grpo(tiny_policy_dir, 0, samples)
     assert _run_steps(first, batches[:2]) == pytest.approx(expected[:2], abs=0)
     first.save_state(tmp_path / "ckpt", {"step": 2})
     first.shutdown()  # the learner dies after its checkpoint
 
     resumed = LearnerGroup(cfg)
-    resumed.setup(tiny_policy_dir, "grpo", seed=123)  # fresh weights and RNG: everything must come from disk
+    resumed.setup_grpo(tiny_policy_dir, 123, samples)  # fresh RNG: everything must come from disk
     assert resumed.load_state(tmp_path / "ckpt")["step"] == 2
     assert _run_steps(resumed, batches[2:]) == pytest.approx(expected[2:], abs=0)
     resumed.shutdown()
@@ -109,7 +119,7 @@ def test_sft_in_one_pass_takes_the_same_step_as_micro_batched(ray_cluster, tiny_
                                                        "sft.lr=0.001", *micro])
         group = LearnerGroup(cfg)
         try:
-            group.setup(tiny_policy_dir, "sft", seed=0)
+            group.setup_sft(tiny_policy_dir, 0)
             losses = [group.sft_step(images, instructions, tokens)["loss"] for images, tokens in batches]
             weights = ray.get(group.publish_weights())
         finally:
@@ -140,7 +150,7 @@ def test_zero_stage_0_takes_the_same_steps_and_reports_the_grad_norm(ray_cluster
                                                        f"learner.zero_stage={stage}"])
         group = LearnerGroup(cfg)
         try:
-            group.setup(tiny_policy_dir, "grpo", seed=0)
+            group.setup_grpo(tiny_policy_dir, 0, {})
             seen: list[dict] = []
             losses = _run_steps(group, batches, seen)
             weights = ray.get(group.publish_weights())

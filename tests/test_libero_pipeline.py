@@ -69,8 +69,8 @@ def test_libero_trajectories_hold_the_rendered_frames_and_stop_at_the_limit(pipe
 
     cfg, rollout = pipeline
     results = rollout.pool.run_all([Episode(TASK, s, 1.6, False) for s in (0, 0)], timeout_s=300)
-    trajs = [ray.get(ref) for _, _, ref in results]
-    for (_, meta, _), traj in zip(results, trajs):
+    trajs = [ray.get(done.ref) for done in results]
+    for done, traj in zip(results, trajs):
         assert traj.images.shape[1:] == (64, 64, 3) and traj.images.dtype == np.uint8
-        assert traj.executed.sum() == meta["env_steps"] == cfg.env.max_steps and not traj.success
+        assert traj.executed.sum() == done.meta.env_steps == cfg.env.max_steps and not traj.success
     np.testing.assert_array_equal(trajs[0].images[0], trajs[1].images[0])  # same init state, same first frame

@@ -29,27 +29,6 @@ def test_decays_from_lr_to_the_final_ratio_and_holds_there(schedule, middle):
         assert lrs[0] - lrs[1] < lrs[5] - lrs[6]
 
 
-@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
-def test_warmup_rises_from_the_final_ratio_then_the_schedule_takes_the_rest(schedule):
-    cfg = _learner(f"learner.lr_schedule={schedule}", "learner.lr_final_ratio=0.1", "learner.lr_warmup=0.2")
-    assert scheduled_lr(cfg, 0.0) == pytest.approx(0.0001)
-    assert scheduled_lr(cfg, 0.1) == pytest.approx(0.00055)
-    assert scheduled_lr(cfg, 0.2) == pytest.approx(0.001)
-    warm = [scheduled_lr(cfg, p / 100) for p in range(21)]
-    assert all(a < b for a, b in zip(warm, warm[1:]))
-    if schedule == "constant":
-        assert scheduled_lr(cfg, 0.6) == scheduled_lr(cfg, 1.0) == pytest.approx(0.001)
-    else:  # the decay is the no-warmup schedule squeezed into the last 80 %
-        plain = _learner(f"learner.lr_schedule={schedule}", "learner.lr_final_ratio=0.1")
-        assert scheduled_lr(cfg, 0.6) == pytest.approx(scheduled_lr(plain, 0.5))
-        assert scheduled_lr(cfg, 1.0) == pytest.approx(0.0001)
-
-
-def test_warmup_must_leave_room_for_the_schedule():
-    with pytest.raises(Exception, match="lr_warmup"):
-        _learner("learner.lr_warmup=1.0")
-
-
 def test_bad_schedule_names_the_field():
     with pytest.raises(Exception, match="lr_schedule"):
         _learner("learner.lr_schedule=step")

@@ -1,6 +1,5 @@
 """The tiny OpenVLA-OFT-style policy: parallel decoding, sampling, log-probs, save/load."""
 
-import re
 import time
 
 import numpy as np
@@ -191,41 +190,6 @@ def test_a_split_action_head_trains_the_same_and_saves_the_hf_layout(tiny_policy
     fresh.load_state_dict(whole)  # the HF layout loads into a split head
     with torch.no_grad():
         torch.testing.assert_close(fresh.action_logits(*inputs), models[0].action_logits(*inputs))
-
-
-def test_frozen_modules_keep_their_weights_and_get_no_gradient(tiny_policy):
-    """learner.frozen_modules / sft.frozen_modules: the named parts stay bit-identical through
-    optimiser steps and get no gradient (autograd stops at them); the rest trains."""
-    import copy
-
-    obs = _obs(4)
-    inputs = tiny_policy.model_inputs([o.image for o in obs], [o.instruction for o in obs])
-    model = copy.deepcopy(tiny_policy.model)
-    model.freeze(["vision_backbone", "projector", "text_embeddings"])
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        loss = torch.nn.functional.cross_entropy(model.action_logits(*inputs).reshape(-1, 256),
-                                                 torch.randint(0, 256, (4 * 56,)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    frozen = ("vision_backbone.", "projector.", "language_model.model.embed_tokens.")
-    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(frozen))
-    after = model.state_dict()
-    for k in before:
-        assert torch.equal(before[k], after[k]) == k.startswith(frozen), k
-
-    from typing import get_args
-
-    from common.config import FreezableModule
-
-    # the config accepts exactly the parts the model can freeze
-    with pytest.raises(ValueError, match=re.escape(f"unknown module 'vision'; known: {sorted(get_args(FreezableModule))}")):
-        model.freeze(["vision"])
-    assert tiny_policy.model.proprio_projector is None  # configs/tiny.yaml reads no proprio
-    with pytest.raises(ValueError, match="has no proprio_projector"):
-        model.freeze(["proprio_projector"])
 
 
 @pytest.mark.parametrize("backbone", ["siglip", "dinosiglip"])
