@@ -35,7 +35,6 @@ class TowerConfig(Section):
 
 
 class PolicyConfig(Section):
-    architecture: Literal["openvla-oft"] = "openvla-oft"
     path: Path | None = Field(None, description="local checkpoint folder (HF layout); None = random init")
     vision_backbone: Literal["siglip", "dinov2", "dinosiglip"] = "dinosiglip"
     image_size: int = Field(224, ge=28)
