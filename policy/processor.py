@@ -5,7 +5,8 @@ checkpoints trained with OpenVLA's random-crop augmentation), scale to [0, 1], r
 size (bicubic, antialias), normalise once per vision tower and stack the results channel-wise
 (DINOv2 first). The constants are part of the checkpoint (`preprocessor_config.json`), never
 hard-coded at the call site.
-Prompt: `In: What action should the robot take to {instruction}?\nOut:` + id 29871 ("▁" in Llama-2).
+Prompt: `In: What action should the robot take to {instruction}?\nOut:` + id 29871 ("▁" in Llama-2), or the
+id a policy folder records (`prompt_end_id`; earlier folders: their tokenizer's "▁").
 """
 
 from __future__ import annotations
@@ -121,19 +122,21 @@ PROMPT_END_ID = 29871
 
 
 class PromptBuilder:
-    """Tokenises instructions into right-padded prompt ids ending with PROMPT_END_ID."""
+    """Tokenises instructions into right-padded prompt ids ending with `end_id` (PROMPT_END_ID unless
+    the policy folder records the id its weights were trained with)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, end_id: int = PROMPT_END_ID):
         self.tokenizer = tokenizer
         self.bos = tokenizer.bos_token_id
+        self.end_id = end_id
         self._cache: dict[str, list[int]] = {}
 
     def ids(self, instruction: str) -> list[int]:
         if instruction not in self._cache:
             ids = self.tokenizer(PROMPT.format(instruction=instruction.lower()), add_special_tokens=False).input_ids
             ids = [self.bos] + list(ids)
-            if ids[-1] != PROMPT_END_ID:  # appended only when missing, as OpenVLA does
-                ids.append(PROMPT_END_ID)
+            if ids[-1] != self.end_id:  # appended only when missing, as OpenVLA does
+                ids.append(self.end_id)
             self._cache[instruction] = ids
         return self._cache[instruction]
 

@@ -62,3 +62,23 @@ def test_prompt_end_id_is_literal_and_appended_only_when_missing():
     assert ids == [1, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 29871]  # not "▁" (2)
     vocab["Out:"] = 29871  # a vocabulary whose prompt already ends with the id: OpenVLA adds none
     assert PromptBuilder(_word_tokenizer(vocab)).ids("push it") == [1, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 29871]
+
+
+def test_a_policy_folder_keeps_the_prompt_end_its_weights_were_trained_with(tiny_policy, tmp_path):
+    """New folders end prompts with 29871 and record it; a folder written before the record existed
+    keeps its tokenizer's "▁" (the shipped demo base was trained on it)."""
+    import json
+
+    from policy.checkpoint import load_policy, save_policy
+
+    folder = save_policy(tiny_policy, tmp_path / "new")
+    assert json.loads((folder / "config.json").read_text())["prompt_end_id"] == 29871
+    assert load_policy(folder).prompts.ids("pick it up")[-1] == 29871
+    config = json.loads((folder / "config.json").read_text())
+    del config["prompt_end_id"]
+    (folder / "config.json").write_text(json.dumps(config))
+    legacy = load_policy(folder)
+    assert legacy.prompts.ids("pick it up")[-1] == legacy.tokenizer.convert_tokens_to_ids("▁") == 28705
+    assert json.loads((save_policy(legacy, tmp_path / "again") / "config.json").read_text())["prompt_end_id"] == 28705
+    base = load_policy(Path(__file__).parents[1] / "policy/pretrained/tabletop_base")
+    assert base.prompts.end_id == 28705
