@@ -40,6 +40,9 @@ class PolicyConfig(Section):
     image_size: int = Field(224, ge=28)
     patch_size: int = Field(14, ge=2)
     vision: TowerConfig = TowerConfig()
+    fused_vision: TowerConfig | None = Field(
+        None, description="dinosiglip: the second (SigLIP) tower's sizes when they differ from `vision`'s, as in the "
+                          "real model (DINOv2 ViT-L/14 + SigLIP So400m/14); None = the same sizes as `vision`")
     llm: TowerConfig = TowerConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256)
     action_bins: Literal[256] = 256
     action_chunk: int = Field(8, gt=0)
@@ -52,6 +55,10 @@ class PolicyConfig(Section):
         "zeros", description="zeros = OpenVLA-OFT; learned = one embedding per action token (small models from scratch)"
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda(:\d+)?|meta)$",
+        description="where the policy is built or loaded, in `dtype`, without a full-precision CPU copy first; Ray "
+                    "actors granted a GPU use cuda whatever this says; meta = shapes only (no memory)")
     center_crop: float | None = Field(
         None, gt=0, le=1,
         description="fraction of the image AREA kept by a center crop before resizing (OpenVLA/OFT checkpoints "
@@ -62,6 +69,8 @@ class PolicyConfig(Section):
     def _patches_tile_image(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if self.fused_vision is not None and self.vision_backbone != "dinosiglip":
+            raise ValueError(f"fused_vision sizes a second tower; vision_backbone {self.vision_backbone!r} has one")
         return self
 
 

@@ -40,13 +40,13 @@ class LearnerWorker:
 
     def _load(self, master_addr: str, master_port: int, policy_path: str, seed: int) -> None:
         from learner.engine import init_distributed
-        from policy.checkpoint import load_policy
+        from policy.checkpoint import actor_device, load_policy
 
         if self.engine is None:
             init_distributed(self.rank, self.world_size, master_addr, master_port, self.cfg.cluster.comm_backend)
         torch.manual_seed(seed)
         self.policy = load_policy(policy_path, unnorm_key=self.cfg.policy.unnorm_key, dtype=self.cfg.policy.dtype,
-                                  policy=self.cfg.policy)
+                                  policy=self.cfg.policy, device=actor_device(self.cfg.policy))
         self.policy.model.train()
 
     def setup_sft(self, master_addr: str, master_port: int, policy_path: str, seed: int) -> int:

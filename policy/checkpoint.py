@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 import transformers
 
 from common.config import PolicyConfig
@@ -26,6 +26,7 @@ from policy.openvla_layout import is_official_layout, load_official, refuse_pick
 from policy.processor import ImageProcessor
 from policy.tiny import default_norm_stats, llama_tokenizer
 from policy.vla import VLAPolicy
+from policy.weights import Shards, identity_plan, load_sharded, materialize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -44,12 +45,15 @@ def arch_from_config(cfg: PolicyConfig) -> VLAConfig:
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    v = cfg.vision
+    def tower(v):
+        return dict(hidden_size=v.hidden_size, num_layers=v.num_layers, num_heads=v.num_heads, intermediate_size=v.intermediate_size)
+
     return VLAConfig(
         vision_backbone=cfg.vision_backbone,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
-        vision=dict(hidden_size=v.hidden_size, num_layers=v.num_layers, num_heads=v.num_heads, intermediate_size=v.intermediate_size),
+        vision=tower(cfg.vision),
+        fused_vision=tower(cfg.fused_vision) if cfg.fused_vision is not None else None,
         text_config=text,
         n_action_bins=cfg.action_bins,
         action_chunk=cfg.action_chunk,
@@ -60,11 +64,19 @@ def arch_from_config(cfg: PolicyConfig) -> VLAConfig:
     )
 
 
+def actor_device(cfg: PolicyConfig | None) -> str:
+    """Where a Ray actor runs the policy: the GPU Ray granted it (Ray hides GPUs from actors that asked
+    for none, so one visible here is this actor's), else `policy.device`."""
+    return "cuda" if torch.cuda.is_available() else (cfg.device if cfg is not None else "cpu")
+
+
 def build_policy(cfg: PolicyConfig, norm_stats: dict | None = None, seed: int = 0) -> VLAPolicy:
-    """A randomly initialised policy of the configured size (tests, SFT from scratch)."""
+    """A randomly initialised policy of the configured size (tests, SFT from scratch, benchmarks),
+    built on the meta device and initialised on `cfg.device` in `cfg.dtype` (policy/weights.py)."""
     arch = arch_from_config(cfg)
-    torch.manual_seed(seed)
-    model = OpenVLAOFTPolicy(arch).to(DTYPES[cfg.dtype])
+    with torch.device("meta"):
+        model = OpenVLAOFTPolicy(arch)
+    materialize(model, cfg.device, DTYPES[cfg.dtype], seed)
     processor = ImageProcessor.for_towers(arch.tower_names, arch.image_size, cfg.center_crop)
     stats = norm_stats or default_norm_stats(arch.action_dims)
     return VLAPolicy(model, llama_tokenizer(), processor, stats, cfg.unnorm_key)
@@ -132,35 +144,32 @@ def copy_policy(source: str | Path, folder: str | Path) -> Path:
 
 def load_policy(
     folder: str | Path, unnorm_key: str | None = None, dtype: str = "float32", policy: PolicyConfig | None = None,
-    fill_norm_stats: dict | None = None,
+    fill_norm_stats: dict | None = None, device: str | None = None,
 ) -> VLAPolicy:
     """Our own folder, or an official OpenVLA / OpenVLA-OFT one (docs/checkpoints.md). `policy` gives what
     official folders do not record (action_chunk, action_dims, attention) and `center_crop`, which
     overrides the folder's when set. `fill_norm_stats` adds statistics for datasets the checkpoint has
-    none for (fine-tuning a base on a new dataset, as OpenVLA does); the checkpoint's own win."""
+    none for (fine-tuning a base on a new dataset, as OpenVLA does); the checkpoint's own win. Weights
+    go file by file straight to `device` (None = `policy.device`) in `dtype`, into a meta-built model."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a policy folder (no config.json); checkpoints load from local disk only")
     refuse_pickles(folder)
     config = json.loads((folder / "config.json").read_text())
     policy = policy or PolicyConfig()
+    device = device or policy.device
     if is_official_layout(config):
-        model, processor, norm_stats = load_official(folder, config, policy, unnorm_key)
+        model, processor, norm_stats = load_official(folder, config, policy, unnorm_key, device, DTYPES[dtype])
         norm_stats = {**(fill_norm_stats or {}), **norm_stats}
-        model.to(DTYPES[dtype])
         return VLAPolicy(model, _load_tokenizer(folder), processor, norm_stats, unnorm_key)
     if "vla_grpo_arch" not in config:
         raise ValueError(f"{folder}/config.json is neither a vla-grpo policy nor an official OpenVLA one (no timm_model_ids); "
                          f"see docs/checkpoints.md")
-    model = OpenVLAOFTPolicy(VLAConfig(**config["vla_grpo_arch"]))
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{folder} has no .safetensors weights (pickle checkpoints are not loaded)")
-    state = {}
-    for shard in shards:
-        state.update(load_file(str(shard)))
-    model.load_state_dict(state, strict=True)
-    model.to(DTYPES[dtype])
+    with torch.device("meta"):  # no random init, no float32 copy: the files' tensors become the parameters
+        model = OpenVLAOFTPolicy(VLAConfig(**config["vla_grpo_arch"]))
+    with Shards(folder, device) as shards:
+        load_sharded(model, shards, identity_plan(model, shards), DTYPES[dtype])
+    model.rebuild_buffers()
     stats_file = folder / "dataset_statistics.json"
     norm_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else config.get("norm_stats", {})
     norm_stats = {**(fill_norm_stats or {}), **norm_stats}

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import (
+    AttentionInterface,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
     LlamaConfig,
@@ -23,8 +24,27 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NUM_DINO_REGISTERS = 4  # Prismatic uses DINOv2 ViT-L/14 with 4 registers
+ATTENTION = "vla_sdpa"
+
+
+def _sdpa_never_causal(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention with `is_causal` always off: the mask the policy passes is the
+    whole story. The LM gets a [B, 1, 1, L] key-padding bias (bidirectional), a [B, 1, L, L] one
+    (causal ablation), or none at all when no row is padded; under "sdpa" no mask would mean causal.
+    Under a name of its own transformers passes a 4D mask through as is and builds none otherwise.
+
+    Which CUDA kernel runs (PyTorch's sdp_utils.cpp): flash attention refuses any attn_mask
+    (check_for_attn_mask), so a padded batch goes to memory-efficient attention (which takes an
+    additive bias, broadcast over heads and queries) or to cuDNN attention where PyTorch puts cuDNN
+    first (sm90 with cuDNN > 9.15; it takes masks of supported shapes); a batch without padding, and
+    so without a mask, can use flash. docs/performance.md; scripts/bench_gpu.py reports the kernels."""
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **{**kwargs, "is_causal": False})
+
+
+AttentionInterface.register(ATTENTION, _sdpa_never_causal)
 
 
 @dataclass
@@ -138,7 +158,7 @@ class OpenVLAOFTPolicy(nn.Module):
         self.config = cfg
         self.vision_backbone = VisionBackbone(cfg)
         text = LlamaConfig(**{**cfg.text_config, "vocab_size": padded_vocab(cfg)})
-        text._attn_implementation = "sdpa"
+        text._attn_implementation = ATTENTION
         self.language_model = LlamaForCausalLM(text)
         self.projector = Projector(self.vision_backbone.embed_dim, text.hidden_size, fused=cfg.vision_backbone == "dinosiglip")
         self.action_first_id = cfg.vocab_size - cfg.n_action_bins
@@ -152,6 +172,41 @@ class OpenVLAOFTPolicy(nn.Module):
             nn.Parameter(0.02 * torch.randn(cfg.num_action_tokens, text.hidden_size)) if cfg.action_queries == "learned" else None
         )
         self.action_head: nn.Parameter | None = None  # split_action_head()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Draw every parameter as construction does: the HF towers and LM by their own
+        `_init_weights`, the projectors by torch's layer init, the action queries N(0, 0.02). For a
+        model built on the meta device and allocated with `to_empty` (policy/weights.py)."""
+        for hf in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer, self.language_model):
+            if hf is None:
+                continue
+            for t in [*hf.modules(), *hf.parameters(), *hf.buffers()]:  # transformers skips what it marked done
+                if "_is_hf_initialized" in t.__dict__:
+                    del t._is_hf_initialized
+            hf.init_weights()
+        for head in (self.projector, self.proprio_projector):
+            for layer in head.modules() if head is not None else ():
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+        if self.action_queries is not None:
+            nn.init.normal_(self.action_queries, std=0.02)
+        if self.action_head is not None:
+            self.action_head.copy_(self.language_model.lm_head.weight[self.action_first_id : self.config.vocab_size])
+
+    def rebuild_buffers(self) -> None:
+        """Recompute the non-persistent buffers (rotary frequencies, SigLIP's position ids) on the
+        parameters' device: `to_empty` leaves them uninitialised, an `assign` load on the meta device."""
+        device = self.language_model.lm_head.weight.device
+        lm = self.language_model.model
+        lm.rotary_emb = type(lm.rotary_emb)(lm.rotary_emb.config).to(device)  # float32 frequencies, as built
+        for tower in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer):
+            emb = getattr(tower, "embeddings", None) if tower is not None else None
+            if emb is not None and getattr(emb, "position_ids", None) is not None:
+                emb.position_ids = torch.arange(emb.num_positions, device=device).expand((1, -1))
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left and device.type != "meta":
+            raise RuntimeError(f"tensors left on the meta device: {left[:12]}")
 
     def split_action_head(self) -> None:
         """Train the LM head's 256 action rows as a parameter of their own (the learner calls this).
@@ -179,6 +234,7 @@ class OpenVLAOFTPolicy(nn.Module):
         prompt_lengths: torch.Tensor,  # [B] int64, real length of each prompt
         stop_token_id: int = 2,
         proprio: torch.Tensor | None = None,  # [B, proprio_dim] normalised, when the model uses it
+        padded: bool | None = None,  # do prompt lengths differ? None = read prompt_lengths (a device sync)
     ) -> torch.Tensor:  # [B, chunk * dims, 256]
         cfg = self.config
         B, S = prompt_ids.shape
@@ -213,14 +269,20 @@ class OpenVLAOFTPolicy(nn.Module):
 
         positions = torch.arange(L, device=device)
         valid = positions[None, :] < length[:, None]  # [B, L]
+        if padded is None:
+            padded = bool((prompt_lengths != S).any())
         if cfg.attention == "causal":
             allowed = valid[:, None, None, :] & torch.ones(L, L, dtype=torch.bool, device=device).tril()  # [B, 1, L, L]
             allowed = allowed | ~valid[:, None, :, None]  # padded queries see everything: no NaN rows
-        else:  # one key-padding row per sequence, broadcast over the queries: no [B, 1, L, L] mask to build
+        elif padded:  # one key-padding row per sequence, broadcast over the queries: no [B, 1, L, L] mask to build
             allowed = valid[:, None, None, :]  # [B, 1, 1, L]; padded queries see the valid keys, never read
-        bias = torch.zeros(allowed.shape, dtype=seq.dtype, device=device).masked_fill(~allowed, torch.finfo(seq.dtype).min)
+        else:  # every key valid: no mask at all, so SDPA may pick flash attention (see _sdpa_never_causal)
+            allowed = None
+        bias = None if allowed is None else (
+            torch.zeros(allowed.shape, dtype=seq.dtype, device=device).masked_fill(~allowed, torch.finfo(seq.dtype).min))
 
-        hidden = self.language_model.model(inputs_embeds=seq, attention_mask=bias).last_hidden_state  # [B, L, H]
+        # use_cache=False: a KV cache of a single full pass is never read, only held (GBs at batch 64 on 7B)
+        hidden = self.language_model.model(inputs_embeds=seq, attention_mask=bias, use_cache=False).last_hidden_state
         read = (action_start - 1)[:, None] + torch.arange(A, device=device)[None, :]  # [B, A]
         h = hidden.gather(1, read[..., None].expand(B, A, hidden.shape[-1]))  # [B, A, H]
         return F.linear(h, self.action_head_weight())  # [B, A, 256]

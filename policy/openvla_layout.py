@@ -16,22 +16,22 @@ come as separate pickle files, which are never opened), multi-image inputs, CLIP
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from transformers import LlamaConfig
 
 from common.config import PolicyConfig
 from policy.action_tokenizer import select_unnorm_key
 from policy.modeling import NUM_DINO_REGISTERS, OpenVLAOFTPolicy, VLAConfig, padded_vocab
 from policy.processor import ImageProcessor
+from policy.weights import Plan, Shards, load_sharded
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-INDEX_FILE = "model.safetensors.index.json"
 
 # timm architecture (tag after "." dropped) -> (our tower kind, attention head dim). The head count is
 # not visible in the weights; the head dim is fixed per family, so heads = width / head dim.
@@ -118,32 +118,6 @@ def refuse_pickles(folder: Path) -> None:
             f"opened. (OpenVLA-OFT's action_head / proprio_projector .pt files are out of scope: only checkpoints "
             f"that predict discrete action tokens load.) Remove them or convert the weights to safetensors."
         )
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors` or of the shards named by `model.safetensors.index.json`."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    elif (folder / "model.safetensors").is_file():
-        weight_map, shards = {}, ["model.safetensors"]
-    else:
-        found = sorted(p.name for p in folder.glob("*.safetensors"))
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor {INDEX_FILE} (safetensors files: {found})")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        if not (folder / shard).is_file():
-            raise FileNotFoundError(f"{folder / INDEX_FILE} names shard {shard}, which is missing")
-        with safe_open(str(folder / shard), framework="pt") as f:
-            for name in f.keys():
-                if weight_map and weight_map.get(name) != shard:
-                    raise ValueError(f"{folder / shard} holds {name}, which {INDEX_FILE} places in {weight_map.get(name)}")
-                state[name] = f.get_tensor(name)
-    absent = sorted(set(weight_map) - set(state))
-    if absent:
-        raise ValueError(f"{INDEX_FILE} lists tensors that no shard holds: {_few(absent)}")
-    return state
 
 
 def _few(names: list[str], n: int = 12) -> str:
@@ -258,10 +232,11 @@ def _gamma_alias(name: str, official: dict) -> str:
     return alias if name not in official and alias in official else name
 
 
-def convert_state_dict(official: dict[str, torch.Tensor], targets: dict[str, tuple], kinds: list[str]) -> dict:
-    """Our parameter name -> tensor, built from the official tensors. Raises naming every official
-    tensor that is missing, left unused, or of the wrong shape."""
-    out, used, missing, wrong = {}, set(), [], []
+def conversion_plan(official: dict[str, torch.Tensor], targets: dict[str, tuple], kinds: list[str]) -> Plan:
+    """Our parameter name -> (official tensor names, how to make it of them). `official` may hold
+    meta tensors: every transform is tried on meta copies, so shapes are checked without data. Raises
+    naming every official tensor that is missing, left unused, or of the wrong shape."""
+    plan, used, missing, wrong = {}, set(), [], []
     for name, shape in targets.items():
         sources, fn, m = _source(name, kinds)
         sources = tuple(_gamma_alias(s, official) for s in sources)
@@ -269,12 +244,13 @@ def convert_state_dict(official: dict[str, torch.Tensor], targets: dict[str, tup
         if absent:
             missing += absent
             continue
-        tensor = fn([official[s] for s in sources], m, tuple(shape))
-        if tuple(tensor.shape) != tuple(shape):
+        make = functools.partial(_apply, fn, m, tuple(shape))
+        out = make([torch.empty_like(official[s], device="meta") for s in sources])
+        if tuple(out.shape) != tuple(shape):
             wrong.append(f"{'+'.join(sources)} {tuple(official[sources[0]].shape)} -> {name} needs {tuple(shape)}")
             continue
         used.update(sources)
-        out[name] = tensor
+        plan[name] = (sources, make)
     unexpected = sorted(k for k in set(official) - used if not IGNORED.match(k))
     errors = []
     if missing:
@@ -287,20 +263,17 @@ def convert_state_dict(official: dict[str, torch.Tensor], targets: dict[str, tup
         errors.append(f"unexpected tensors{hint}: {_few(unexpected)}")
     if errors:
         raise ValueError("checkpoint does not match the OpenVLA layout: " + "; ".join(errors))
-    return out
+    return plan
 
 
-def _materialize_buffers(model: OpenVLAOFTPolicy) -> None:
-    """Non-saved buffers stay on the meta device after an `assign` load; rebuild them from config."""
-    lm = model.language_model.model
-    lm.rotary_emb = type(lm.rotary_emb)(lm.rotary_emb.config)
-    for tower in (model.vision_backbone.featurizer, model.vision_backbone.fused_featurizer):
-        emb = getattr(tower, "embeddings", None) if tower is not None else None
-        if emb is not None and getattr(emb, "position_ids", None) is not None:
-            emb.position_ids = torch.arange(emb.num_positions).expand((1, -1))
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors left unmaterialised after loading: {_few(left)}")
+def _apply(fn: Transform, m: re.Match | None, shape: tuple, tensors: list[torch.Tensor]) -> torch.Tensor:
+    return fn(tensors, m, shape)
+
+
+def convert_state_dict(official: dict[str, torch.Tensor], targets: dict[str, tuple], kinds: list[str]) -> dict:
+    """Our parameter name -> tensor, built from the official tensors (conversion_plan, applied)."""
+    return {name: make([official[s] for s in sources])
+            for name, (sources, make) in conversion_plan(official, targets, kinds).items()}
 
 
 def check_unnorm_key(norm_stats: dict, unnorm_key: str | None) -> str:
@@ -312,20 +285,24 @@ def check_unnorm_key(norm_stats: dict, unnorm_key: str | None) -> str:
         raise KeyError(e.args[0] + (f" (did you mean {near[0]!r}?)" if near else "")) from None
 
 
-def load_official(folder: Path, config: dict, policy: PolicyConfig, unnorm_key: str | None):
-    """-> (model, image processor, norm stats) of an official folder; the caller adds the tokenizer."""
+def load_official(folder: Path, config: dict, policy: PolicyConfig, unnorm_key: str | None,
+                  device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """-> (model, image processor, norm stats) of an official folder; the caller adds the tokenizer.
+    The architecture and the name map are checked on the files' headers; then the weights go file by
+    file to `device` in `dtype`, each official tensor read once (policy/weights.py)."""
     stats_file = folder / "dataset_statistics.json"  # fine-tuned checkpoints: it wins over config.json (as OFT does)
     norm_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else (config.get("norm_stats") or {})
     if not norm_stats:
         raise ValueError(f"{folder} has no action statistics (neither dataset_statistics.json nor config.json norm_stats)")
     check_unnorm_key(norm_stats, unnorm_key)  # before reading gigabytes of weights
-    state = read_weights(folder)
-    arch = official_arch(config, state, policy)
-    with torch.device("meta"):  # no random init, no second copy of 7B weights
-        model = OpenVLAOFTPolicy(arch)
-    targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model.load_state_dict(convert_state_dict(state, targets, arch.tower_names), strict=True, assign=True)
-    _materialize_buffers(model)
+    with Shards(folder, device) as shards:
+        state = shards.meta()
+        arch = official_arch(config, state, policy)
+        with torch.device("meta"):  # no random init, no second copy of 7B weights
+            model = OpenVLAOFTPolicy(arch)
+        targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        load_sharded(model, shards, conversion_plan(state, targets, arch.tower_names), dtype)
+    model.rebuild_buffers()
     if (folder / "preprocessor_config.json").is_file():
         processor = ImageProcessor.load(folder)
     else:

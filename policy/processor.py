@@ -37,13 +37,13 @@ def center_crop(images: torch.Tensor, area: float, size: int) -> torch.Tensor:
     `convert_image_dtype` (x * float32(1/255)), `tf.image.crop_and_resize` (bilinear, corners aligned:
     output row i samples y1 (H - 1) + i scale), clip to [0, 1], `convert_image_dtype` back (x 255.5,
     saturated, truncated)."""
-    f32 = torch.float32
-    x = images.to(f32) * torch.tensor(1.0 / 255.0, dtype=f32)
-    side = torch.sqrt(torch.tensor(area, dtype=f32)).clamp(0.0, 1.0)
+    f32, device = torch.float32, images.device
+    x = images.to(f32) * torch.tensor(1.0 / 255.0, dtype=f32, device=device)
+    side = torch.sqrt(torch.tensor(area, dtype=f32)).clamp(0.0, 1.0)  # the box: on the CPU, as scalars
     lo = (1.0 - side) / 2.0
     hi = lo + side
-    rows, top, bottom = _sample_points(lo, hi, x.shape[-2], size)
-    cols, left, right = _sample_points(lo, hi, x.shape[-1], size)
+    rows, top, bottom = (t.to(device) for t in _sample_points(lo, hi, x.shape[-2], size))
+    cols, left, right = (t.to(device) for t in _sample_points(lo, hi, x.shape[-1], size))
     y_lerp = (rows - top.to(f32)).view(1, 1, size, 1)
     x_lerp = (cols - left.to(f32)).view(1, 1, 1, size)
     upper, lower = x.index_select(2, top), x.index_select(2, bottom)
@@ -52,7 +52,7 @@ def center_crop(images: torch.Tensor, area: float, size: int) -> torch.Tensor:
     t = tl + (tr - tl) * x_lerp
     b = bl + (br - bl) * x_lerp
     out = (t + (b - t) * y_lerp).clamp(0.0, 1.0)
-    return (out * torch.tensor(255.5, dtype=f32)).clamp(0.0, 255.0).to(torch.uint8)  # to uint8 truncates
+    return (out * torch.tensor(255.5, dtype=f32, device=device)).clamp(0.0, 255.0).to(torch.uint8)  # to uint8 truncates
 
 
 def _sample_points(lo: torch.Tensor, hi: torch.Tensor, n: int, size: int) -> tuple[torch.Tensor, ...]:
@@ -85,6 +85,27 @@ class ImageProcessor:
             x = x.clamp(0.0, 1.0)
         parts = [(x - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1) for m, s in zip(self.means, self.stds)]
         return torch.cat(parts, dim=1)
+
+    def on_device(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[B, H, W, 3] uint8 on any device -> [B, 3 * towers, S, S] in `dtype` on that device: what
+        `__call__` computes, for images that travel to the GPU as uint8 (a quarter of float32's bytes)
+        and are cropped, resized and normalised there. The crop is the same uint8 code; resizing runs
+        on 0..255 values (interpolation is linear, so the /255 moves after it) and each tower's
+        normalisation is one multiply-add, x * 1/(255 std) - mean/std, in float32: the floats differ
+        from `__call__`'s by rounding only, far below one uint8 level (tests/test_gpu_inference.py)."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected [B, H, W, 3] uint8 images, got {images.dtype} {tuple(images.shape)}")
+        x = images.permute(0, 3, 1, 2)
+        if self.center_crop is not None:
+            x = center_crop(x, self.center_crop, self.image_size)
+        x = x.float()
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True).clamp(0.0, 255.0)
+        mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (self.means, self.stds))
+        scale = (1.0 / (255.0 * std)).to(device=x.device, dtype=torch.float32).reshape(1, -1, 3, 1, 1)
+        shift = (-mean / std).to(device=x.device, dtype=torch.float32).reshape(1, -1, 3, 1, 1)
+        out = torch.addcmul(shift, x[:, None], scale)  # [B, towers, 3, S, S]
+        return out.flatten(1, 2).to(dtype)
 
     def save(self, folder: Path) -> None:
         cfg = {

@@ -51,11 +51,17 @@ class VLAPolicy:
     def uses_proprio(self) -> bool:
         return self.model.config.proprio_dim > 0
 
-    def model_inputs(self, images, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pixels(self, images) -> torch.Tensor:
+        """[B, H, W, 3] uint8 (array, list of arrays, or tensor on any device) -> the model's pixel
+        values: the images travel to the model's device as uint8 and are processed there."""
+        if not isinstance(images, torch.Tensor):
+            images = torch.from_numpy(np.ascontiguousarray(np.stack(images)))
         dtype = next(self.model.parameters()).dtype
-        pixels = self.image_processor(images).to(self.device, dtype)
+        return self.image_processor.on_device(images.to(self.device, non_blocking=True), dtype)
+
+    def model_inputs(self, images, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, lengths = self.prompts(instructions)
-        return pixels, ids.to(self.device), lengths.to(self.device)
+        return self.pixels(images), ids.to(self.device), lengths.to(self.device)
 
     def normalize_proprio(self, proprio) -> torch.Tensor | None:
         """[B, P] raw proprio -> [-1, 1] with the dataset's q01/q99 (constant dims -> 0)."""
@@ -72,8 +78,11 @@ class VLAPolicy:
         return torch.tensor(np.clip(x, -1.5, 1.5), dtype=torch.float32, device=self.device)
 
     def action_logits(self, images, instructions: list[str], proprio=None) -> torch.Tensor:  # [B, A, 256]
-        return self.model.action_logits(*self.model_inputs(images, instructions), stop_token_id=self.tokenizer.eos_token_id,
-                                        proprio=self.normalize_proprio(proprio))
+        ids, lengths = self.prompts(instructions)
+        padded = bool(lengths.min() < lengths.max())  # read here, on the CPU: no device sync in the forward
+        return self.model.action_logits(self.pixels(images), ids.to(self.device), lengths.to(self.device),
+                                        stop_token_id=self.tokenizer.eos_token_id, proprio=self.normalize_proprio(proprio),
+                                        padded=padded)
 
     @torch.no_grad()
     def act(

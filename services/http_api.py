@@ -60,7 +60,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 class PolicyHTTPDeployment:
     def __init__(self, policy_path: str, token_sha256: str | None, args: dict):
         import torch
-        from policy.checkpoint import load_policy  # noqa: I001 (heavy imports stay in the replica)
+        from policy.checkpoint import actor_device, load_policy  # noqa: I001 (heavy imports stay in the replica)
 
         self.args = HTTPApiArgs.model_validate(args)
         if self.args.torch_threads:
@@ -68,8 +68,9 @@ class PolicyHTTPDeployment:
         self.token_digest = bytes.fromhex(token_sha256) if token_sha256 else None
         if self.args.auth and self.token_digest is None:
             raise ValueError("auth is on but no API token digest was given (build the app with app_builder)")
-        self.policy = load_policy(policy_path, unnorm_key=self.args.unnorm_key, dtype=self.args.dtype, policy=self.args.policy)
-        self.policy.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()  # Ray hides GPUs unless num_gpus > 0
+        self.policy = load_policy(policy_path, unnorm_key=self.args.unnorm_key, dtype=self.args.dtype, policy=self.args.policy,
+                                  device=actor_device(self.args.policy))  # Ray hides GPUs unless num_gpus > 0
+        self.policy.model.eval()
         replica = serve.get_replica_context().replica_id.unique_id.encode()
         self.generator = torch.Generator(device=self.policy.device).manual_seed(self.args.seed * 1_000_003 + zlib.crc32(replica))
         self._infer.set_max_batch_size(self.args.max_batch_size)

@@ -29,13 +29,13 @@ class PolicyDeployment:
     def __init__(self, policy_path: str, policy_cfg: dict, version: int = 0, seed: int = 0,
                  max_batch_size: int = 64, batch_wait_timeout_s: float = 0.005):
         from common.config import PolicyConfig
-        from policy.checkpoint import load_policy
+        from policy.checkpoint import actor_device, load_policy
 
         torch.set_num_threads(1)
         cfg = PolicyConfig.model_validate(policy_cfg)
-        self.policy = load_policy(policy_path, unnorm_key=cfg.unnorm_key, dtype=cfg.dtype, policy=cfg)
-        if torch.cuda.is_available():  # a replica granted a GPU (cluster.replica_gpus > 0) serves from it
-            self.policy.model.to("cuda")
+        # a replica granted a GPU (cluster.replica_gpus > 0) loads straight onto it and serves from it
+        self.policy = load_policy(policy_path, unnorm_key=cfg.unnorm_key, dtype=cfg.dtype, policy=cfg,
+                                  device=actor_device(cfg))
         self.policy.model.eval()
         self.version = version
         replica = serve.get_replica_context().replica_id.unique_id

@@ -21,12 +21,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import timm_reference as ref
 from common.config import PolicyConfig
+from common.config_loading import load_config
 from common.records import Observation
-from policy.checkpoint import build_policy, load_policy, save_policy
+from policy.checkpoint import arch_from_config, build_policy, load_policy, save_policy
 from policy.modeling import OpenVLAOFTPolicy
 from policy.openvla_layout import convert_state_dict, official_arch
 from policy.processor import ImageProcessor, center_crop
 from policy.tiny import llama_tokenizer
+from tests.conftest import ROOT
 
 S = ref.IMAGE_SIZE
 TEXT = {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16", "vocab_size": 32064,
@@ -211,7 +213,20 @@ def test_openvla_7b_sizes_come_out_of_its_config_and_shapes():
         model = OpenVLAOFTPolicy(arch)
     targets = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert set(convert_state_dict(state, targets, arch.tower_names)) == set(targets)  # every tensor used, every parameter filled
-    assert 7.4e9 < sum(v.numel() for v in state.values()) < 7.7e9
+    published = sum(v.numel() for v in state.values())
+    assert published == 7_541_237_184  # openvla-7b's weights, as its safetensors hold them
+
+    # configs/oft7b.yaml (the random-init stand-in) has exactly these shapes: the same model, plus the
+    # transformers-only DINOv2 mask token and CLS position slot (2 x 1024, unused at inference)
+    ours = arch_from_config(load_config(ROOT / "configs/oft7b.yaml").policy)
+    drop_act = lambda v: {k: x for k, x in v.items() if k != "hidden_act"}  # noqa: E731
+    assert (ours.vision, ours.fused_vision) == (drop_act(arch.vision), drop_act(arch.fused_vision))
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        assert ours.text_config[key] == arch.text_config[key], key
+    assert (ours.vocab_size, ours.num_patches, ours.vision_backbone) == (arch.vocab_size, arch.num_patches, arch.vision_backbone)
+    with torch.device("meta"):
+        stand_in = OpenVLAOFTPolicy(ours)
+    assert sum(p.numel() for p in stand_in.parameters()) == sum(p.numel() for p in model.parameters()) == published + 2 * 1024
 
 
 def test_missing_or_unknown_unnorm_key_lists_the_keys(official):
