@@ -57,6 +57,7 @@ class RolloutCoordinator:
         self.open_groups: dict[int, Group] = {}
         self.ready: list[Group] = []  # complete groups that passed dynamic sampling
         self._next_group_id = 0
+        self.version = 0  # the learner's current weight version (next_batch, drop_stale)
         self.stats = RolloutStats()
 
     def _launch_group(self) -> None:
@@ -101,6 +102,11 @@ class RolloutCoordinator:
         if len(group.episodes) == self.cfg.group_size:
             del self.open_groups[done.request.tag]
             s.groups_done += 1
+            if self.version - group.policy_version > self.cfg.max_policy_lag:
+                # sampled in part by weights older than the lag allows (e.g. a replica that restarted
+                # on its initial weights): never trained on, and no evidence about the current policy
+                s.groups_stale += 1
+                return
             kept = keep_group(group.success_rate, self.cfg.min_group_success, self.cfg.max_group_success)
             self.sampler.observe(group.key[0], group.success_rate, init_state=group.key[1])
             if kept:
@@ -120,6 +126,7 @@ class RolloutCoordinator:
     def drop_stale(self, current_version: int) -> int:
         """Drop ready groups older than the allowed lag. Surplus groups may lag one version even in
         strict mode (they were sampled by the policy that the step just trained from)."""
+        self.version = current_version
         max_lag = max(self.cfg.max_policy_lag, 1 if self.cfg.keep_surplus else 0)
         fresh = [g for g in self.ready if current_version - g.policy_version <= max_lag]
         dropped = len(self.ready) - len(fresh)

@@ -13,6 +13,7 @@ from actors.env_pool import EnvWorkerPool
 from actors.samplers import make_sampler
 from common.config import RunConfig
 from services.policy_service import APP_NAME, start_policy_service
+from services.weight_store import start_weight_store
 
 # Headless defaults for every entry point (CLI, scripts, job drivers); the caller's values win.
 DEFAULT_ENV = {"MUJOCO_GL": "egl", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
@@ -67,9 +68,12 @@ class Rollout:
     handle: object
     pool: EnvWorkerPool
     task_info: dict
+    weights: object  # services/weight_store.py: the weights a (re)starting replica loads
 
     @classmethod
     def start(cls, cfg: RunConfig, policy_path: str) -> "Rollout":
+        weights = start_weight_store(APP_NAME)
+        ray.get(weights.publish.remote(None, []), timeout=60)  # replicas start on policy_path
         handle = start_policy_service(policy_path, cfg.cluster, cfg.policy, seed=cfg.seed)
         pool = EnvWorkerPool(cfg.env, cfg.cluster, APP_NAME)
         info = pool.task_info()
@@ -78,7 +82,7 @@ class Rollout:
             if unknown:
                 raise ValueError(f"env.tasks: unknown tasks {unknown}; the {cfg.env.suite} suite has {sorted(info)}")
             info = {t: info[t] for t in cfg.env.tasks}
-        return cls(handle, pool, info)
+        return cls(handle, pool, info, weights)
 
     def coordinator(self, cfg: RunConfig) -> RolloutCoordinator:
         pairs = [(t, s) for t, v in self.task_info.items() for s in v["train"]]
@@ -92,3 +96,4 @@ class Rollout:
             serve.delete(APP_NAME)
         except Exception:
             pass
+        ray.kill(self.weights)

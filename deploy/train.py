@@ -228,10 +228,10 @@ class GRPOTrainer:
         self._serve(self.version, self.learner.publish_weights())
 
     def _serve(self, version: int, state_ref) -> None:
-        """Every replica swaps to these weights as `version`, and all must report it."""
-        versions = broadcast_weights(self.rollout.handle, version, state_ref)
-        if set(versions) != {version}:
-            raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {version}")
+        """The store first (a replica that restarts from now on loads these weights), then every replica
+        swaps to them as `version`, and all must report it."""
+        ray.get(self.rollout.weights.publish.remote(version, [state_ref]), timeout=60)
+        broadcast_weights(self.rollout.handle, version, state_ref, self.cfg.cluster.serve_replicas)
         self.served_version = version
 
     # --- checkpoints ---------------------------------------------------------------------------
