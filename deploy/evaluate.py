@@ -70,7 +70,7 @@ def evaluate(rollout: Rollout, out_dir: Path, episodes_per_task: int | None, vid
         "success": float(np.mean([s for v in per_task.values() for s in v.values()])),
         "episodes": len(results),
         "per_task": {t: _task_entry(v, train[t]) for t, v in sorted(per_task.items())},
-        "mean_env_steps": float(np.mean([m["env_steps"] for _, m, _ in results])),
+        "mean_env_steps": float(np.mean([r.meta.env_steps for r in results])),
         "max_steps": env_cfg.max_steps,
         "task_max_steps": dict(env_cfg.task_max_steps),
         "init_states": _split_entry(env_cfg, per_task, train),
