@@ -11,6 +11,7 @@ that Serve (re)starts mid-run loads the run's current weights first (services/we
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 
@@ -97,6 +98,10 @@ class PolicyDeployment:
 
     async def get_version(self) -> int:
         return self.version
+
+    async def pid(self) -> int:
+        """The replica's process id (fault drills)."""
+        return os.getpid()
 
     async def weights_checksum(self) -> float:
         return float(sum(p.double().sum() for p in self.policy.model.state_dict().values()))
