@@ -95,6 +95,7 @@ def save_policy(policy: VLAPolicy, folder: str | Path) -> Path:
         "pad_to_multiple_of": arch.pad_to_multiple_of,
         "text_config": arch.text_config,
         "norm_stats": policy.norm_stats,
+        "prompt_end_id": policy.prompts.end_id,
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in policy.model.state_dict().items()}
@@ -167,7 +168,10 @@ def load_policy(
     processor = ImageProcessor.load(folder)
     if policy.center_crop is not None:
         processor.center_crop = policy.center_crop
-    return VLAPolicy(model, tokenizer, processor, norm_stats, unnorm_key)
+    # folders written before the key existed ended prompts with their tokenizer's "▁", and their
+    # weights were trained on that id
+    end_id = config.get("prompt_end_id", tokenizer.convert_tokens_to_ids("▁"))
+    return VLAPolicy(model, tokenizer, processor, norm_stats, unnorm_key, prompt_end_id=end_id)
 
 
 def upscale_images(policy: VLAPolicy, factor: int) -> VLAPolicy:
@@ -194,7 +198,8 @@ def upscale_images(policy: VLAPolicy, factor: int) -> VLAPolicy:
     model.load_state_dict(state, strict=True)
     model.to(next(policy.model.parameters()).dtype)
     processor = dataclasses.replace(policy.image_processor, image_size=bigger.image_size)
-    return VLAPolicy(model, policy.tokenizer, processor, policy.norm_stats, policy.unnorm_key)
+    return VLAPolicy(model, policy.tokenizer, processor, policy.norm_stats, policy.unnorm_key,
+                     prompt_end_id=policy.prompts.end_id)
 
 
 def _load_tokenizer(folder: Path):

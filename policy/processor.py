@@ -1,16 +1,17 @@
 """Observation processor: uint8 images + instructions -> model inputs, as Prismatic/OpenVLA do it.
 
-Images: optionally center-crop (`center_crop`, for checkpoints trained with OpenVLA's random-crop
-augmentation), resize to the model size (bicubic, antialias), scale to [0, 1], normalise once per
-vision tower and stack the results channel-wise (DINOv2 first). The constants are part of the
-checkpoint (`preprocessor_config.json`), never hard-coded at the call site.
-Prompt: `In: What action should the robot take to {instruction}?\nOut:` + "▁" (Llama-2 id 29871).
+Images: optionally center-crop on uint8 exactly as OpenVLA's TensorFlow code does (`center_crop`, for
+checkpoints trained with OpenVLA's random-crop augmentation), scale to [0, 1], resize to the model
+size (bicubic, antialias), normalise once per vision tower and stack the results channel-wise
+(DINOv2 first). The constants are part of the checkpoint (`preprocessor_config.json`), never
+hard-coded at the call site.
+Prompt: `In: What action should the robot take to {instruction}?\nOut:` + id 29871 ("▁" in Llama-2), or the
+id a policy folder records (`prompt_end_id`; earlier folders: their tokenizer's "▁").
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,18 +29,38 @@ PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 RESIZE_STRATEGIES = ("resize-naive",)  # Prismatic's letterbox / resize-crop are not what OpenVLA uses
 
 
-def center_crop(x: torch.Tensor, area: float, size: int) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> [B, 3, size, size]: the central box holding `area` of the image
-    (side sqrt(area)), resampled bilinearly as OpenVLA's `tf.image.crop_and_resize` does (sample i of
-    the box edge [a, b] sits at a + i (b - a) / (size - 1) of the image, corners aligned), then put
-    back on uint8 levels as the original does (`convert_image_dtype` scales by 255.5 and truncates)."""
-    side = min(1.0, math.sqrt(area))
+def center_crop(images: torch.Tensor, area: float, size: int) -> torch.Tensor:
+    """[B, 3, H, W] uint8 -> [B, 3, size, size] uint8: the central box holding `area` of the image
+    (side sqrt(area)), exactly as OpenVLA's eval code makes it with TensorFlow (to the uint8 level;
+    tests/fixtures/crop_reference.npz holds TensorFlow's own outputs). Its steps, in float32 and
+    TensorFlow's operation order, since a different order moves values across a level boundary:
+    `convert_image_dtype` (x * float32(1/255)), `tf.image.crop_and_resize` (bilinear, corners aligned:
+    output row i samples y1 (H - 1) + i scale), clip to [0, 1], `convert_image_dtype` back (x 255.5,
+    saturated, truncated)."""
+    f32 = torch.float32
+    x = images.to(f32) * torch.tensor(1.0 / 255.0, dtype=f32)
+    side = torch.sqrt(torch.tensor(area, dtype=f32)).clamp(0.0, 1.0)
     lo = (1.0 - side) / 2.0
-    t = torch.linspace(lo, lo + side, size, dtype=torch.float64) * 2.0 - 1.0  # grid_sample's [-1, 1] coords
-    gy, gx = torch.meshgrid(t, t, indexing="ij")
-    grid = torch.stack([gx, gy], dim=-1).to(x.dtype).expand(x.shape[0], size, size, 2)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return torch.floor(out.clamp(0.0, 1.0) * 255.5) / 255.0
+    hi = lo + side
+    rows, top, bottom = _sample_points(lo, hi, x.shape[-2], size)
+    cols, left, right = _sample_points(lo, hi, x.shape[-1], size)
+    y_lerp = (rows - top.to(f32)).view(1, 1, size, 1)
+    x_lerp = (cols - left.to(f32)).view(1, 1, 1, size)
+    upper, lower = x.index_select(2, top), x.index_select(2, bottom)
+    tl, tr = upper.index_select(3, left), upper.index_select(3, right)
+    bl, br = lower.index_select(3, left), lower.index_select(3, right)
+    t = tl + (tr - tl) * x_lerp
+    b = bl + (br - bl) * x_lerp
+    out = (t + (b - t) * y_lerp).clamp(0.0, 1.0)
+    return (out * torch.tensor(255.5, dtype=f32)).clamp(0.0, 255.0).to(torch.uint8)  # to uint8 truncates
+
+
+def _sample_points(lo: torch.Tensor, hi: torch.Tensor, n: int, size: int) -> tuple[torch.Tensor, ...]:
+    """Where crop_and_resize samples one axis (float32, as its kernel computes it), and the pixel
+    indices either side."""
+    scale = (hi - lo) * float(n - 1) / float(size - 1)
+    pos = lo * float(n - 1) + torch.arange(size, dtype=torch.float32) * scale
+    return pos, torch.floor(pos).long(), torch.ceil(pos).long().clamp(max=n - 1)
 
 
 @dataclass
@@ -55,9 +76,10 @@ class ImageProcessor:
 
     def __call__(self, images: np.ndarray | list[np.ndarray]) -> torch.Tensor:
         """[B, H, W, 3] uint8 -> [B, 3 * towers, S, S] float32."""
-        x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2).float() / 255.0
-        if self.center_crop is not None:
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
+        if self.center_crop is not None:  # uint8 -> uint8, as OpenVLA hands the processor a cropped uint8 image
             x = center_crop(x, self.center_crop, self.image_size)
+        x = x.float() / 255.0  # torchvision's to_tensor, which the official processor applies
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
             x = x.clamp(0.0, 1.0)
@@ -94,21 +116,27 @@ class ImageProcessor:
         return cls(sizes.pop(), means, stds, cfg.get("center_crop"))
 
 
-class PromptBuilder:
-    """Tokenises instructions into right-padded prompt ids ending with the "▁" token."""
+# OpenVLA's `predict_action` appends this literal id (Llama-2's "▁") whatever tokenizer it is given;
+# asking the tokenizer for "▁" gives another id with another vocabulary (28705 in Mistral's).
+PROMPT_END_ID = 29871
 
-    def __init__(self, tokenizer):
+
+class PromptBuilder:
+    """Tokenises instructions into right-padded prompt ids ending with `end_id` (PROMPT_END_ID unless
+    the policy folder records the id its weights were trained with)."""
+
+    def __init__(self, tokenizer, end_id: int = PROMPT_END_ID):
         self.tokenizer = tokenizer
         self.bos = tokenizer.bos_token_id
-        self.space_id = tokenizer.convert_tokens_to_ids("▁")  # 29871 in Llama-2
+        self.end_id = end_id
         self._cache: dict[str, list[int]] = {}
 
     def ids(self, instruction: str) -> list[int]:
         if instruction not in self._cache:
             ids = self.tokenizer(PROMPT.format(instruction=instruction.lower()), add_special_tokens=False).input_ids
             ids = [self.bos] + list(ids)
-            if ids[-1] != self.space_id:
-                ids.append(self.space_id)
+            if ids[-1] != self.end_id:  # appended only when missing, as OpenVLA does
+                ids.append(self.end_id)
             self._cache[instruction] = ids
         return self._cache[instruction]
 

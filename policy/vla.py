@@ -11,7 +11,7 @@ import torch
 from common.records import ActionChunk, Observation
 from policy.action_tokenizer import ActionStats, ActionTokenizer, select_unnorm_key
 from policy.modeling import OpenVLAOFTPolicy
-from policy.processor import ImageProcessor, PromptBuilder
+from policy.processor import PROMPT_END_ID, ImageProcessor, PromptBuilder
 from policy.sampling import choose_actions, chosen_log_probs
 
 
@@ -23,11 +23,12 @@ class VLAPolicy:
         image_processor: ImageProcessor,
         norm_stats: dict,
         unnorm_key: str | None = None,
+        prompt_end_id: int = PROMPT_END_ID,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.prompts = PromptBuilder(tokenizer)
+        self.prompts = PromptBuilder(tokenizer, prompt_end_id)
         cfg = model.config
         self.action_tokenizer = ActionTokenizer(vocab_size=cfg.vocab_size, n_bins=cfg.n_action_bins)
         self.norm_stats = norm_stats

@@ -115,7 +115,7 @@ def test_prompt_follows_openvla_format(tiny_policy):
     ids = tiny_policy.prompts.ids("Pick up the Bowl")
     text = tiny_policy.tokenizer.decode(ids[1:-1])
     assert ids[0] == tiny_policy.tokenizer.bos_token_id
-    assert ids[-1] == tiny_policy.tokenizer.convert_tokens_to_ids("▁")
+    assert ids[-1] == 29871  # OpenVLA's literal prompt end (Llama-2's "▁"), whatever the vocabulary
     assert text.startswith("In: What action should the robot take to pick up the bowl?") and text.endswith("Out:")
 
 
