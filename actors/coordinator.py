@@ -51,13 +51,27 @@ class RolloutStats:
     per_task: dict = field(default_factory=dict)  # task -> [successes, episodes]
 
 
+@dataclass
+class EpisodeLedger:
+    """Every finished episode since the coordinator started, by where it went. At all times
+    finished == trained + filtered + stale + discarded + the episodes held in groups."""
+
+    finished: int = 0
+    trained: int = 0  # in a batch handed to the learner
+    filtered: int = 0  # in a group dynamic sampling dropped
+    stale: int = 0  # in a group older than the allowed policy lag
+    discarded: int = 0  # surplus dropped with keep_surplus: false
+
+
 class RolloutCoordinator:
     def __init__(self, cfg: RolloutConfig, pool: EnvWorkerPool, sampler: InitStateSampler | AdaptiveTaskSampler):
         self.cfg, self.pool, self.sampler = cfg, pool, sampler
         self.open_groups: dict[int, Group] = {}
         self.ready: list[Group] = []  # complete groups that passed dynamic sampling
         self._next_group_id = 0
+        self.version = 0  # the learner's current weight version (next_batch, drop_stale)
         self.stats = RolloutStats()
+        self.ledger = EpisodeLedger()
 
     def _launch_group(self) -> None:
         task, init_state = self.sampler.next()
@@ -92,6 +106,7 @@ class RolloutCoordinator:
         group, meta = self.open_groups[done.request.tag], done.meta
         group.episodes.append(done)
         s = self.stats
+        self.ledger.finished += 1
         s.episodes += 1
         s.successes += int(meta.success)
         s.env_steps += meta.env_steps
@@ -101,6 +116,12 @@ class RolloutCoordinator:
         if len(group.episodes) == self.cfg.group_size:
             del self.open_groups[done.request.tag]
             s.groups_done += 1
+            if self.version - group.policy_version > self.cfg.max_policy_lag:
+                # sampled in part by weights older than the lag allows (e.g. a replica that restarted
+                # on its initial weights): never trained on, and no evidence about the current policy
+                s.groups_stale += 1
+                self.ledger.stale += len(group.episodes)
+                return
             kept = keep_group(group.success_rate, self.cfg.min_group_success, self.cfg.max_group_success)
             self.sampler.observe(group.key[0], group.success_rate, init_state=group.key[1])
             if kept:
@@ -108,6 +129,7 @@ class RolloutCoordinator:
                 s.groups_kept += 1
             else:
                 s.groups_filtered += 1
+                self.ledger.filtered += len(group.episodes)
 
     def drain(self, timeout_s: float) -> None:
         """Finish the groups in flight; they are kept or filtered as usual."""
@@ -120,9 +142,12 @@ class RolloutCoordinator:
     def drop_stale(self, current_version: int) -> int:
         """Drop ready groups older than the allowed lag. Surplus groups may lag one version even in
         strict mode (they were sampled by the policy that the step just trained from)."""
+        self.version = current_version
         max_lag = max(self.cfg.max_policy_lag, 1 if self.cfg.keep_surplus else 0)
         fresh = [g for g in self.ready if current_version - g.policy_version <= max_lag]
         dropped = len(self.ready) - len(fresh)
+        kept = {id(g) for g in fresh}
+        self.ledger.stale += sum(len(g.episodes) for g in self.ready if id(g) not in kept)
         self.ready = fresh
         self.stats.groups_stale += dropped
         return dropped
@@ -147,9 +172,16 @@ class RolloutCoordinator:
                 )
         if drain:
             self.drain(timeout_s)
-        batch, self.ready = self.ready[:groups], (self.ready[groups:] if self.cfg.keep_surplus else [])
+        batch, rest = self.ready[:groups], self.ready[groups:]
+        self.ready = rest if self.cfg.keep_surplus else []
+        self.ledger.trained += sum(len(g.episodes) for g in batch)
+        self.ledger.discarded += 0 if self.cfg.keep_surplus else sum(len(g.episodes) for g in rest)
         self.stats.seconds = time.monotonic() - start
         return batch
+
+    def held(self) -> int:
+        """Finished episodes in ready and open groups (the ledger's balance)."""
+        return sum(len(g.episodes) for g in [*self.ready, *self.open_groups.values()])
 
     # --- checkpoints: the surplus as metadata (state.json) plus its trajectories (saved apart) ------
     def surplus_state(self) -> tuple[list[list[dict]], list]:
@@ -168,3 +200,4 @@ class RolloutCoordinator:
             self.ready.append(Group((episodes[0].task, episodes[0].init_state), [
                 FinishedEpisode(Episode(m.task, m.init_state, self.cfg.temperature, greedy=False), m, next(refs))
                 for m in episodes]))
+        self.ledger.finished += self.held()

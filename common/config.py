@@ -291,6 +291,10 @@ class RunConfig(Section):
                 f"learner.mini_batch_size {self.learner.mini_batch_size} must be a multiple of "
                 f"micro_batch_size x cluster.learner_world_size = {per_rank}"
             )
+        if self.learner.sync_every - 1 > self.rollout.max_policy_lag:
+            raise ValueError(f"learner.sync_every {self.learner.sync_every} leaves the replicas up to "
+                             f"{self.learner.sync_every - 1} versions behind, more than rollout.max_policy_lag "
+                             f"{self.rollout.max_policy_lag}; raise max_policy_lag or sync every step")
         sft_micro, sft_per_rank = self.sft.micro_batch_size, self.sft.batch_size // self.cluster.learner_world_size
         if sft_micro is not None and sft_micro < sft_per_rank and sft_per_rank % sft_micro:  # larger = the whole batch
             raise ValueError(

@@ -19,8 +19,6 @@ def _train(cfg, args):
     from deploy.runtime import Rollout, init_ray
     from deploy.train import GRPOTrainer
 
-    if cfg.policy.path is None:
-        sys.exit("train needs a policy to start from: set policy.path=/local/policy/folder (e.g. the output of `vla-grpo sft`)")
     deadline = None if cfg.wall_budget_minutes is None else time.monotonic() + 60 * cfg.wall_budget_minutes
     init_ray(cfg)
     rollout = Rollout.start(cfg, str(cfg.policy.path))
@@ -37,8 +35,6 @@ def _eval(cfg, args):
     from deploy.evaluate import eval_config, evaluate, format_report
     from deploy.runtime import Rollout, init_ray
 
-    if cfg.policy.path is None:
-        sys.exit("eval needs policy.path=/local/policy/folder")
     cfg = eval_config(cfg)  # the evaluation step limit (env.eval_max_steps / the suite's)
     init_ray(cfg)
     rollout = Rollout.start(cfg, str(cfg.policy.path))
@@ -180,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command != "config":
+            from deploy.preflight import preflight
+
+            preflight(cfg, args.command)  # what only this machine can tell, before any Ray process starts
     except ConfigError as err:
         sys.exit(str(err))
     if args.command != "config":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from actors.env_pool import EnvWorkerPool
 from actors.samplers import make_sampler
 from common.config import RunConfig
 from services.policy_service import APP_NAME, start_policy_service
+from services.weight_store import start_weight_store
 
 # Headless defaults for every entry point (CLI, scripts, job drivers); the caller's values win.
 DEFAULT_ENV = {"MUJOCO_GL": "egl", "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
@@ -25,14 +27,31 @@ def apply_default_env() -> None:
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs in (`ray job submit --runtime-env-json`), else {}.
+    Ray hands the job's config to its driver in this variable and refuses a ray.init runtime env
+    that repeats one of its keys."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+
+
+def worker_env_vars() -> dict[str, str]:
+    """What every worker process needs from the driver (the repo on PYTHONPATH, headless GL, CPU
+    DeepSpeed, offline hubs), less the keys a submitted job sets itself: the job's values win."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    forwarded = {k: os.environ[k] for k in FORWARDED if k in os.environ}
+    env_vars = {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **forwarded}
+    job = job_env_vars()
+    return {k: v for k, v in env_vars.items() if k not in job}
+
+
 def init_ray(cfg: RunConfig, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     apply_default_env()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    forwarded = {k: os.environ[k] for k in FORWARDED if k in os.environ}
-    env_vars = {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **forwarded}
-    kwargs = dict(runtime_env={"env_vars": env_vars}, include_dashboard=False, logging_level="WARNING",
+    kwargs = dict(runtime_env={"env_vars": worker_env_vars()}, include_dashboard=False, logging_level="WARNING",
                   log_to_driver=True)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit`
     if address:
@@ -49,9 +68,12 @@ class Rollout:
     handle: object
     pool: EnvWorkerPool
     task_info: dict
+    weights: object  # services/weight_store.py: the weights a (re)starting replica loads
 
     @classmethod
     def start(cls, cfg: RunConfig, policy_path: str) -> "Rollout":
+        weights = start_weight_store(APP_NAME)
+        ray.get(weights.publish.remote(None, []), timeout=60)  # replicas start on policy_path
         handle = start_policy_service(policy_path, cfg.cluster, cfg.policy, seed=cfg.seed)
         pool = EnvWorkerPool(cfg.env, cfg.cluster, APP_NAME)
         info = pool.task_info()
@@ -60,7 +82,7 @@ class Rollout:
             if unknown:
                 raise ValueError(f"env.tasks: unknown tasks {unknown}; the {cfg.env.suite} suite has {sorted(info)}")
             info = {t: info[t] for t in cfg.env.tasks}
-        return cls(handle, pool, info)
+        return cls(handle, pool, info, weights)
 
     def coordinator(self, cfg: RunConfig) -> RolloutCoordinator:
         pairs = [(t, s) for t, v in self.task_info.items() for s in v["train"]]
@@ -74,3 +96,4 @@ class Rollout:
             serve.delete(APP_NAME)
         except Exception:
             pass
+        ray.kill(self.weights)

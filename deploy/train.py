@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from actors.coordinator import Group, RolloutStats
 from common.config import RunConfig
+from common.files import reading
 from deploy.runtime import Rollout
 from deploy.telemetry import RunLogger
 from deploy.validation import PolicySelector
@@ -89,6 +91,16 @@ class GRPOTrainer:
 
     # --- one RL step, phase by phase ------------------------------------------------------------
     def train_step(self) -> dict:
+        try:
+            return self._train_step()
+        except RayActorError as err:  # env workers and replicas are replaced; a learner rank is not
+            latest = self.ckpt.latest()
+            resume = (f"the last complete checkpoint is {latest}; continue from it with checkpoint.resume=true"
+                      if latest else "no checkpoint was written yet")
+            raise RuntimeError(f"a learner rank died during RL step {self.step + 1} ({type(err).__name__}); "
+                               f"{resume}") from None
+
+    def _train_step(self) -> dict:
         timer = PhaseTimer()
         with timer("rollout"):
             groups, rollout_stats = self.collect_rollouts()
@@ -228,14 +240,25 @@ class GRPOTrainer:
         self._serve(self.version, self.learner.publish_weights())
 
     def _serve(self, version: int, state_ref) -> None:
-        """Every replica swaps to these weights as `version`, and all must report it."""
-        versions = broadcast_weights(self.rollout.handle, version, state_ref)
-        if set(versions) != {version}:
-            raise RuntimeError(f"weight sync: replicas report versions {versions}, expected {version}")
+        """The store first (a replica that restarts from now on loads these weights), then every replica
+        swaps to them as `version`, and all must report it."""
+        ray.get(self.rollout.weights.publish.remote(version, [state_ref]), timeout=60)
+        broadcast_weights(self.rollout.handle, version, state_ref, self.cfg.cluster.serve_replicas)
         self.served_version = version
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """checkpoints/step_N, complete or not at all: a write that fails (e.g. a full disk) leaves the
+        previous checkpoint as `latest` and says so."""
+        try:
+            return self._write_checkpoint()
+        except Exception as err:
+            self.ckpt.abandon(self.step)
+            cause = (str(err).strip().splitlines() or [type(err).__name__])[-1]  # a rank's error: its last line
+            raise RuntimeError(f"checkpoint of step {self.step} could not be written ({cause}); the last complete "
+                               f"one, {self.ckpt.latest()}, is intact") from err
+
+    def _write_checkpoint(self) -> Path:
         tmp = self.ckpt.begin(self.step)
         self.learner.save_state(tmp / "learner", {"step": self.step})
         self.learner.save_policy(tmp / "policy")
@@ -256,7 +279,8 @@ class GRPOTrainer:
         folder = self.ckpt.latest()
         if folder is None:
             return False
-        state = json.loads((folder / "state.json").read_text())
+        with reading(folder / "state.json", "checkpoint file"):
+            state = json.loads((folder / "state.json").read_text())
         self.learner.load_state(folder / "learner")
         self.step, self.version = state["step"], state["version"]
         self.coordinator.sampler.load(state["sampler"])

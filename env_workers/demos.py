@@ -19,6 +19,8 @@ from typing import Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
+from common.files import reading
+
 PROPRIO_KEYS = ("ee_pos", "ee_ori", "gripper_states")  # concatenated: LIBERO / OpenVLA-OFT's 8-dim proprio
 
 
@@ -171,7 +173,7 @@ def read_demos(folder: str | Path, tasks: Iterable[str] | None = None) -> list[D
         task = re.sub(r"_demo$", "", path.stem)
         if want is not None and task not in want:
             continue
-        with h5py.File(path, "r") as f:
+        with reading(path, "demo file"), h5py.File(path, "r") as f:
             data = f["data"]
             instruction = _instruction(data, task)
             convention = _attr_str(data.attrs.get("macros_image_convention", "opengl"))

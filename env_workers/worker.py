@@ -15,6 +15,7 @@ render at once. A call that times out rebuilds the thread and all envs, and the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,11 +44,17 @@ class EnvTimeout(RuntimeError):
     pass
 
 
+def _after_sleep(fn, seconds: float, *args):
+    time.sleep(seconds)
+    return fn(*args)
+
+
 class EnvSlot:
     def __init__(self, env_cfg: EnvConfig, executor: ThreadPoolExecutor):
         self.env_cfg = env_cfg
         self.executor = executor
         self.env = self.executor.submit(self._make).result()
+        self.hang_s = 0.0
 
     def _make(self):
         from env_workers.factory import make_env
@@ -57,7 +64,10 @@ class EnvSlot:
     async def call(self, fn_name: str, *args, steps: int = 1):
         """env.<fn_name>(*args) on the sim thread, with a deadline of env.step_timeout_s per env step."""
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.executor, getattr(self.env, fn_name), *args)
+        fn = getattr(self.env, fn_name)
+        if self.hang_s:  # a fault drill (EnvWorker.inject_hang): this call blocks its sim thread first
+            fn, self.hang_s = functools.partial(_after_sleep, fn, self.hang_s), 0.0
+        fut = loop.run_in_executor(self.executor, fn, *args)
         deadline = self.env_cfg.step_timeout_s * steps
         try:
             return await asyncio.wait_for(fut, timeout=deadline)
@@ -202,6 +212,11 @@ class EnvWorker:
 
     def total_env_steps(self) -> int:
         return self.env_steps
+
+    def inject_hang(self, seconds: float) -> None:
+        """Fault drill: the next env call of one env blocks its sim thread for `seconds` (past
+        env.step_timeout_s, it times out: the slots are rebuilt and the episode re-runs)."""
+        self.slots[0].hang_s = seconds
 
     def close(self):
         for slot in self.slots:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import reading
 from common.records import Trajectory
 
 ARRAYS = ("images", "tokens", "logprobs", "executed")
@@ -51,6 +52,10 @@ class CheckpointManager:
         self._prune()
         return final
 
+    def abandon(self, step: int) -> None:
+        """Remove a half-written step_N.tmp (frees the space a failed write took)."""
+        shutil.rmtree(self.folder / f"step_{step:06d}.tmp", ignore_errors=True)
+
     def latest(self) -> Path | None:
         marker = self.folder / "latest"
         if not marker.is_file():
@@ -75,7 +80,7 @@ def save_trajectories(trajs: list[Trajectory], folder: Path) -> None:
 def load_trajectories(folder: Path) -> list[Trajectory]:
     out = []
     for path in sorted(Path(folder).glob("*.npz")):
-        with np.load(path, allow_pickle=False) as z:
+        with reading(path, "checkpoint file"), np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             proprio = z["proprio"] if "proprio" in z.files else None
             out.append(Trajectory(**meta, **{k: z[k] for k in ARRAYS}, proprio=proprio))

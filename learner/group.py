@@ -7,6 +7,7 @@ mini-batch, so payloads go from the object store straight to the rank that needs
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import ray
 import torch
 
 from common.config import RunConfig
+from common.files import reading
 from common.records import Trajectory
 from learner.loss_terms import LossTerm
 from learner.sft_data import DemoSamples
@@ -37,6 +39,10 @@ class LearnerWorker:
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
+
+    def pid(self) -> int:
+        """The rank's process id (fault drills)."""
+        return os.getpid()
 
     def _load(self, master_addr: str, master_port: int, policy_path: str, seed: int) -> None:
         from learner.engine import init_distributed
@@ -115,7 +121,8 @@ class LearnerWorker:
                    Path(folder) / f"rng_rank{self.rank}.pt")
 
     def load_state(self, folder: str) -> dict:
-        state = self.engine.load(folder)
+        with reading(folder, "checkpoint folder"):  # DeepSpeed's own error does not say which checkpoint
+            state = self.engine.load(folder)
         path = Path(folder) / f"rng_rank{self.rank}.pt"
         # older checkpoints: rank 0's RNGs in the client state, and the term RNG under earlier names
         rng = torch.load(path, weights_only=False) if path.is_file() else {

@@ -18,7 +18,6 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from ray import serve
@@ -27,10 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.records import ActionChunk, Observation
 from services.http_auth import check_bearer, resolve_token, token_digest_hex
-from services.http_body import read_json_body
+from services.http_body import finish_body, read_json_body
 from services.http_errors import APIError, schema_error
 from services.http_schemas import (MAX_INSTRUCTION_CHARS, MAX_PROMPT_TOKENS, MAX_PROPRIO_DIMS, MAX_TEMPERATURE,
-                                   MIN_IMAGE_SIDE, ActRequest, HTTPApiArgs)
+                                   MIN_IMAGE_SIDE, ActRequest, HTTPApiArgs, proprio_array)
 from services.image_decoding import decode_image
 
 __all__ = ["APP_NAME", "HTTPApiArgs", "app_builder", "build_app", "start_http_api"]
@@ -45,12 +44,14 @@ app = FastAPI(title="vla-grpo policy API", docs_url=None, redoc_url=None, openap
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
+    await finish_body(request)  # a closing connection would otherwise reset under the client's upload
     return exc.response()
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    await finish_body(request)
     return APIError(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}", "path",
                     headers=getattr(exc, "headers", None)).response()
 
@@ -78,6 +79,9 @@ class PolicyHTTPDeployment:
         cfg = self.policy.model.config
         room = int(cfg.text_config.get("max_position_embeddings", 2048)) - cfg.num_patches - cfg.num_action_tokens - 2
         self.max_prompt_tokens = max(16, min(MAX_PROMPT_TOKENS, room))
+        self.proprio_dim = cfg.proprio_dim if self.policy.uses_proprio else None
+        if (self.proprio_dim or 0) > MAX_PROPRIO_DIMS:  # the schema would refuse every request
+            raise ValueError(f"the policy reads {self.proprio_dim} proprio values; the API allows {MAX_PROPRIO_DIMS}")
         self.stats = {"served": 0, "batches": 0, "forward_passes": 0, "max_batch_size_seen": 0}
         self.version = self.args.model_version
 
@@ -91,7 +95,7 @@ class PolicyHTTPDeployment:
         cfg = self.policy.model.config
         return {
             "model": {"image_size": cfg.image_size, "vision_backbone": cfg.vision_backbone,
-                      "action_chunk": cfg.action_chunk, "action_dims": cfg.action_dims,
+                      "action_chunk": cfg.action_chunk, "action_dims": cfg.action_dims, "proprio_dim": self.proprio_dim,
                       "unnorm_key": self.policy.unnorm_key, "unnorm_keys": sorted(self.policy.norm_stats),
                       "model_version": self.version, "dtype": self.args.dtype},
             "limits": {"max_body_bytes": self.args.max_body_bytes, "max_image_side": self.args.max_image_side,
@@ -112,12 +116,12 @@ class PolicyHTTPDeployment:
             req = ActRequest.model_validate(body)
         except ValidationError as e:
             raise schema_error(e) from None
+        proprio = proprio_array(req.proprio, self.proprio_dim)  # before the batch: one bad request must not fail it
         n_tokens = len(self.policy.prompts.ids(req.instruction))
         if n_tokens > self.max_prompt_tokens:
             raise APIError(422, "invalid_request", f"instruction: {n_tokens} tokens after tokenization; "
                            f"at most {self.max_prompt_tokens} are allowed", "instruction")
         image = await asyncio.to_thread(decode_image, req.image, self.args.max_image_side)
-        proprio = np.asarray(req.proprio, np.float32) if req.proprio is not None else None
         temperature = 1.0 if req.temperature is None else req.temperature
         chunk: ActionChunk = await self._infer((Observation(image, req.instruction, proprio), req.greedy, temperature))
         return {"actions": chunk.actions.tolist(), "tokens": chunk.tokens.tolist(), "model_version": chunk.policy_version,
@@ -176,9 +180,10 @@ def _serve_url(host: str, port: int, scheme: str = "http") -> str:
 
 def start_http_api(policy_path: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                    token_file: str | None = None, auth: bool = True, name: str = APP_NAME,
-                   ssl_certfile: str | None = None, ssl_keyfile: str | None = None, **kwargs) -> str:
-    """Start Serve's HTTP proxy on host:port (if Serve is not running yet), deploy the API at route
-    "/" and return its base URL. kwargs: any other HTTPApiArgs field (unnorm_key, max_batch_size, ...)."""
+                   ssl_certfile: str | None = None, ssl_keyfile: str | None = None, route_prefix: str = "/",
+                   **kwargs) -> str:
+    """Start Serve's HTTP proxy on host:port (if Serve is not running yet), deploy the API at
+    `route_prefix` and return its base URL. kwargs: any other HTTPApiArgs field (unnorm_key, max_batch_size, ...)."""
     path = Path(policy_path).expanduser().resolve()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a policy folder (no config.json)")
@@ -190,5 +195,5 @@ def start_http_api(policy_path: str, host: str = "127.0.0.1", port: int = 8000, 
     if ssl_certfile or ssl_keyfile:
         http.update(ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     serve.start(http_options=http)
-    serve.run(application, name=name, route_prefix="/")
-    return _serve_url(host, port, "https" if ssl_certfile else "http")
+    serve.run(application, name=name, route_prefix=route_prefix)
+    return _serve_url(host, port, "https" if ssl_certfile else "http") + route_prefix.rstrip("/")

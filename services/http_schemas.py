@@ -4,9 +4,11 @@ unknown fields and loose JSON types are refused, so a client mistake becomes a n
 
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.config import PolicyConfig
+from services.http_errors import APIError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_SIDE = 1024
@@ -50,6 +52,21 @@ class ActRequest(_Strict):
         if not v.strip():
             raise ValueError("must not be blank")
         return v
+
+
+def proprio_array(values: list[float] | None, dim: int | None) -> np.ndarray | None:
+    """The request's proprio as the policy reads it. A policy that reads proprio needs exactly `dim`
+    values (numpy would broadcast one value over all dims, and a missing one would fail the whole batch);
+    a policy that does not read it ignores the field, so one robot client can drive either kind."""
+    if not dim:
+        return None
+    if values is None:
+        raise APIError(422, "invalid_request", f"proprio: required by this policy: a list of exactly {dim} numbers "
+                       "(the robot state it was trained on; see /v1/info model.proprio_dim)", "proprio")
+    if len(values) != dim:
+        raise APIError(422, "invalid_request", f"proprio: {len(values)} value(s) given; this policy reads exactly {dim}",
+                       "proprio")
+    return np.asarray(values, np.float32)
 
 
 class HTTPApiArgs(BaseModel):

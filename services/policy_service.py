@@ -5,11 +5,13 @@ Env workers send the observations of their envs that wait for actions in one req
 env_workers/action_batcher.py); `@serve.batch` groups concurrent requests of all workers into one
 forward pass. Sampling (training) and greedy (eval) requests can share a batch window; they
 are decoded separately. `set_weights` runs on the replica's event loop like the batch handler,
-so a swap can never interleave with a forward pass: a batch sees one version, whole.
+so a swap can never interleave with a forward pass: a batch sees one version, whole. A replica
+that Serve (re)starts mid-run loads the run's current weights first (services/weight_store.py).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 
@@ -19,6 +21,7 @@ from ray import serve
 from ray.util import metrics
 
 from common.records import ActionChunk, Observation
+from services.weight_store import current_weights
 
 APP_NAME = "vla-policy"
 
@@ -38,6 +41,11 @@ class PolicyDeployment:
                                   device=actor_device(cfg))
         self.policy.model.eval()
         self.version = version
+        # a replica that (re)starts after the run published weights serves those, not its initial ones
+        current, state_ref = current_weights(APP_NAME)
+        if current is not None:
+            self.policy.model.load_state_dict(ray.get(state_ref, timeout=300), strict=True)
+            self.version = current
         replica = serve.get_replica_context().replica_id.unique_id
         self.generator = torch.Generator(device=self.policy.device).manual_seed(seed * 1_000_003 + zlib.crc32(replica.encode()))
         self.act_batch.set_max_batch_size(max_batch_size)
@@ -91,6 +99,10 @@ class PolicyDeployment:
     async def get_version(self) -> int:
         return self.version
 
+    async def pid(self) -> int:
+        """The replica's process id (fault drills)."""
+        return os.getpid()
+
     async def weights_checksum(self) -> float:
         return float(sum(p.double().sum() for p in self.policy.model.state_dict().values()))
 
@@ -100,7 +112,8 @@ class PolicyDeployment:
 
 
 def start_policy_service(policy_path: str, cluster_cfg, policy_cfg, seed: int = 0):
-    """Deploy the policy app and return its handle."""
+    """Deploy the policy app and return its handle. When a replica fails to start, the error's last
+    line is the replica's own exception (not Serve's "Deploying application ... failed")."""
     options = {"num_replicas": cluster_cfg.serve_replicas,
                "ray_actor_options": {"num_cpus": cluster_cfg.replica_cpus, "num_gpus": cluster_cfg.replica_gpus}}
     if "inference" in cluster_cfg.resources:
@@ -109,9 +122,38 @@ def start_policy_service(policy_path: str, cluster_cfg, policy_cfg, seed: int = 
         str(policy_path), policy_cfg.model_dump(mode="json"), 0, seed,
         cluster_cfg.inference_max_batch, cluster_cfg.inference_batch_wait_ms / 1000.0
     )
-    return serve.run(app, name=APP_NAME, route_prefix=None, logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    try:
+        return serve.run(app, name=APP_NAME, route_prefix=None,
+                         logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    except RuntimeError as err:
+        raise RuntimeError(f"the policy service did not start ({err}); a replica failed with:\n"
+                           f"{replica_error(APP_NAME)}") from None
 
 
-def broadcast_weights(handle, version: int, state_ref, timeout_s: float = 120.0) -> list[int]:
-    """Reach every replica (DeploymentHandle.broadcast) and wait until all report `version`."""
-    return handle.broadcast("set_weights", version, [state_ref]).results(timeout_s=timeout_s)
+def replica_error(app_name: str) -> str:
+    """The last line of the replica's traceback that Serve recorded: the exception itself."""
+    try:
+        app = serve.status().applications[app_name]
+        messages = [d.message for d in app.deployments.values() if d.message] or [app.message]
+    except Exception as err:  # the controller itself is gone
+        return f"(Serve status unavailable: {err})"
+    lines = [line.strip() for line in messages[0].splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message recorded)"
+
+
+def broadcast_weights(handle, version: int, state_ref, replicas: int, timeout_s: float = 120.0) -> None:
+    """Every one of `replicas` replicas swaps to `version` (DeploymentHandle.broadcast). A replica
+    that is down or still starting misses a broadcast; it loads the store's weights when it starts,
+    so the broadcast is retried until all `replicas` report `version`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            versions = handle.broadcast("set_weights", version, [state_ref]).results(timeout_s=timeout_s)
+        except Exception as err:  # a replica died mid-call: Serve replaces it
+            versions = [f"error: {type(err).__name__}"]
+        if len(versions) == replicas and set(versions) == {version}:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"weight sync: after {timeout_s:.0f}s the replicas report {versions}, expected "
+                               f"{replicas} x version {version}")
+        time.sleep(1.0)

@@ -71,6 +71,7 @@ BAD_OVERRIDES = [
     (["policy.llm.num_heads=3"], ["policy.llm", "divisible"]),
     (["learner.loss_terms={demo_bc: {weight: -1}}"], ["learner.loss_terms.demo_bc.weight", "greater than 0"]),
     (["learner.loss_terms={rehearsal: {weight: 1}}"], ["learner.loss_terms", "demo_bc"]),
+    (["learner.sync_every=3", "rollout.max_policy_lag=1"], ["learner.sync_every", "rollout.max_policy_lag"]),
     (["rollout.queue_capacity=100"], ["queue_capacity", "groups_per_batch x group_size = 512"]),
 ]
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from actors.coordinator import RolloutCoordinator
+from actors.coordinator import Group, RolloutCoordinator
 from actors.env_pool import Episode, FinishedEpisode
 from actors.samplers import AdaptiveStateSampler, AdaptiveTaskSampler, InitStateSampler, make_sampler
 from common.config import RolloutConfig
@@ -12,13 +12,16 @@ from common.records import EpisodeMeta
 
 
 def _feed(coord, group_id, key, successes, version=0):
-    from actors.coordinator import Group
-
     coord.open_groups[group_id] = Group(key)
     for s in successes:
         meta = EpisodeMeta(task=key[0], init_state=key[1], success=bool(s), env_steps=10, policy_version=version,
                            num_chunks=2, seconds=0.1)
         coord.add(FinishedEpisode(Episode(key[0], key[1], 1.6, greedy=False, tag=group_id), meta, ref=None))
+
+
+def _balanced(coord) -> bool:
+    led = coord.ledger
+    return led.finished == led.trained + led.filtered + led.stale + led.discarded + coord.held()
 
 
 def _coordinator(**kw):
@@ -34,6 +37,7 @@ def test_all_success_and_all_fail_groups_are_dropped():
     _feed(coord, 3, ("a", 3), [1] * 7 + [0])
     assert [g.key for g in coord.ready] == [("a", 2), ("a", 3)]
     assert (coord.stats.groups_filtered, coord.stats.groups_kept) == (2, 2)
+    assert coord.ledger.filtered == 16 and _balanced(coord)
 
 
 def test_batch_is_always_full_and_surplus_is_kept_for_the_next_step():
@@ -45,6 +49,7 @@ def test_batch_is_always_full_and_surplus_is_kept_for_the_next_step():
     assert [g.key[1] for g in coord.ready] == [2, 3, 4]
     batch = coord.next_batch(2, current_version=1, timeout_s=10)
     assert [g.key[1] for g in batch] == [2, 3] and len(coord.ready) == 1
+    assert coord.ledger.trained == 32 and coord.held() == 8 and _balanced(coord)
 
 
 def test_surplus_is_discarded_when_keep_surplus_is_off():
@@ -52,6 +57,7 @@ def test_surplus_is_discarded_when_keep_surplus_is_off():
     for i in range(3):
         _feed(coord, i, ("a", i), [1, 0, 0, 0, 0, 0, 0, 0])
     assert len(coord.next_batch(1, 0, timeout_s=10)) == 1 and coord.ready == []
+    assert coord.ledger.discarded == 16 and _balanced(coord)
 
 
 # strict mode (lag 0) still lets surplus groups lag one version unless keep_surplus is off
@@ -65,7 +71,22 @@ def test_groups_older_than_the_allowed_lag_are_dropped(max_lag, keep_surplus, cu
         _feed(coord, gid, ("a", gid), [1, 0, 0, 0, 0, 0, 0, 0], version=version)
     coord.drop_stale(current)
     assert [g.policy_version for g in coord.ready] == kept
-    assert coord.stats.groups_stale == 3 - len(kept)
+    assert coord.stats.groups_stale == 3 - len(kept) and _balanced(coord)
+
+
+def test_a_group_sampled_by_weights_older_than_the_lag_is_rejected_when_it_completes():
+    coord = _coordinator(max_policy_lag=0)
+    coord.drop_stale(4)  # the learner is at version 4
+    _feed(coord, 0, ("a", 0), [1, 0, 0, 0, 0, 0, 0, 0], version=4)
+    # one episode ran partly on a replica that restarted on its initial weights (version 0)
+    coord.open_groups[1] = Group(("a", 1))
+    for version in [4] * 7 + [0]:
+        meta = EpisodeMeta(task="a", init_state=1, success=version == 4, env_steps=10, policy_version=version,
+                           num_chunks=2, seconds=0.1)
+        coord.add(FinishedEpisode(Episode("a", 1, 1.6, greedy=False, tag=1), meta, ref=None))
+    assert [g.key for g in coord.ready] == [("a", 0)]
+    assert coord.stats.groups_stale == 1 and coord.stats.groups_done == 2 and not coord.open_groups
+    assert coord.ledger.stale == 8 and _balanced(coord)
 
 
 def test_sampler_cycles_every_pair_and_resumes_exactly():
@@ -169,7 +190,7 @@ def test_surplus_survives_a_checkpoint_round_trip_in_order():
     assert [g.key for g in again.ready] == [("a", 0), ("a", 1)] and [g.policy_version for g in again.ready] == [3, 4]
     assert [e.ref for g in again.ready for e in g.episodes] == [f"trajectory {i}" for i in range(16)]
     assert [e.meta for g in again.ready for e in g.episodes] == [e.meta for g in coord.ready for e in g.episodes]
-    assert again.buffered() == 16
+    assert again.buffered() == 16 and _balanced(again)
 
 
 def test_unschedulable_env_workers_fail_naming_the_fields_to_change(ray_cluster, monkeypatch):

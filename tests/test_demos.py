@@ -158,3 +158,17 @@ def test_demos_of_another_action_convention_are_re_recorded_or_refused(tmp_path)
     refused = delta.model_copy(update={"sft": delta.sft.model_copy(update={"dataset": folder})})
     with pytest.raises(ValueError, match=r"sft.dataset .*env.control \['absolute'\].*'delta'"):
         demo_folder(refused)
+
+
+def test_a_truncated_demo_file_is_named_in_the_error(recorded, tmp_path):
+    import shutil
+
+    from common.files import UnreadableFile
+
+    out, _ = recorded
+    for path in sorted(out.glob("*.hdf5")):
+        shutil.copy(path, tmp_path / path.name)
+    victim = sorted(tmp_path.glob("*.hdf5"))[-1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(UnreadableFile, match=rf"demo file {victim} is unreadable"):
+        read_demos(tmp_path)

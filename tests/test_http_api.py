@@ -1,6 +1,7 @@
-"""The public HTTP policy API over real HTTP: the Serve app on a free localhost port inside the
-session Ray cluster, with the tiny policy. Good requests, >20 kinds of bad ones (each a 4xx JSON
-error naming the problem, never a 5xx), batching of concurrent requests, the Python client."""
+"""The public HTTP policy API over real HTTP: the Serve app on a free localhost port inside the session
+Ray cluster, with the tiny policy (and at /proprio one that reads proprio). Good requests, >20 kinds of
+bad ones (each a 4xx JSON error naming the problem, never a 5xx), proprio rules, oversized bodies on
+keep-alive and closing connections, batching of concurrent requests, the Python client."""
 
 import base64
 import http.client
@@ -41,6 +42,23 @@ def api(ray_cluster, tiny_policy_dir):
     serve.delete(APP)
 
 
+@pytest.fixture(scope="module")
+def proprio_api(api, tiny_config, tmp_path_factory):
+    """The same API at /proprio (same proxy) for a tiny policy built with policy.use_proprio=true."""
+    from ray import serve
+
+    from policy.checkpoint import build_policy, save_policy
+    from services.http_api import start_http_api
+
+    cfg = tiny_config.policy.model_copy(update={"use_proprio": True})
+    folder = save_policy(build_policy(cfg, seed=0), tmp_path_factory.mktemp("policy") / "tiny_proprio")
+    url = start_http_api(str(folder), host="127.0.0.1", port=urlparse(api).port, token=TOKEN, name=APP + "-proprio",
+                         route_prefix="/proprio", max_batch_size=8, batch_wait_timeout_s=0.05, num_cpus=0,
+                         torch_threads=1)
+    yield url
+    serve.delete(APP + "-proprio")
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -59,10 +77,13 @@ def body_for(img=IMG, fmt="png", **extra) -> dict:
     return {"image": image, "instruction": INSTRUCTION, **extra}
 
 
-def call(url, path="/v1/act", body=None, method="POST", token=TOKEN, ctype="application/json", headers=None):
-    """One request with full control over the bytes; returns (status, headers, parsed JSON body)."""
+def call(url, path="/v1/act", body=None, method="POST", token=TOKEN, ctype="application/json", headers=None,
+         conn=None):
+    """One request with full control over the bytes; returns (status, headers, parsed JSON body).
+    With `conn`, on that open connection, which stays open."""
     u = urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    keep, conn = conn is not None, conn or http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    path = u.path + path  # the app's route prefix
     h = {"Content-Type": ctype} if ctype else {}
     if token:
         h["Authorization"] = f"Bearer {token}"
@@ -75,7 +96,8 @@ def call(url, path="/v1/act", body=None, method="POST", token=TOKEN, ctype="appl
         data = r.read()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, (json.loads(data) if data else None)
     finally:
-        conn.close()
+        if not keep:
+            conn.close()
 
 
 def check_chunk(out: dict):
@@ -111,6 +133,7 @@ def test_healthz_without_auth_and_info(api):
     assert status == 200
     assert info["model"]["image_size"] == 64 and info["model"]["action_chunk"] == 8 and info["model"]["action_dims"] == 7
     assert info["model"]["unnorm_key"] == "identity" and info["model"]["model_version"] == 0
+    assert info["model"]["proprio_dim"] is None  # configs/tiny.yaml: a policy that does not read proprio
     assert info["limits"]["max_body_bytes"] == 8 * MiB and info["limits"]["max_image_side"] == 1024
     assert {"served", "batches", "forward_passes", "mean_batch_size"} <= set(info["stats"])
 
@@ -132,6 +155,10 @@ def test_python_client(api):
     assert e.value.status == 422 and e.value.field == "instruction"
     with pytest.raises(ValueError, match="uint8"):
         client.act(IMG.astype(np.float32), INSTRUCTION)
+    noise = np.random.default_rng(1).integers(0, 256, (1700, 1700, 3), dtype=np.uint8)  # 11.6 MB as base64 PNG
+    with pytest.raises(PolicyAPIError) as e:  # urllib sends Connection: close: a 413, not a connection reset
+        PolicyClient(api, token=TOKEN, timeout_s=60).act(noise, INSTRUCTION)
+    assert e.value.status == 413 and e.value.code == "body_too_large" and e.value.field == "body"
 
 
 def test_concurrent_requests_share_forward_passes(api):
@@ -163,7 +190,7 @@ def _with(**changes) -> dict:
         if path:
             b[target][path[0]] = value
         elif value is _DROP:
-            b.pop(target)
+            b.pop(target, None)
         else:
             b[target] = value
     return b
@@ -217,8 +244,6 @@ BAD = {  # name: (call kwargs, status, text that the error's field or message mu
     "greedy as string": (dict(body=_with(greedy="yes")), 422, "greedy"),
     "instruction as number": (dict(body=_with(instruction=5)), 422, "instruction"),
     "zero temperature": (dict(body=_with(temperature=0)), 422, "temperature"),
-    "body over limit": (dict(body=b'{"instruction": "' + b"a" * (9 * MiB) + b'"}'), 413, "limit"),
-    "chunked body over limit": (dict(body=iter([b"x" * MiB] * 9)), 413, "limit"),
     "wrong method": (dict(method="GET", body=None, ctype=None), 405, "GET"),
     "unknown path": (dict(path="/v1/nope"), 404, "/v1/nope"),
 }
@@ -235,17 +260,100 @@ def test_bad_request_is_a_named_4xx(api, name):
         assert headers["www-authenticate"].startswith("Bearer")
 
 
-def test_declared_content_length_over_limit_is_refused_before_the_body(api):
+# ---------------------------------------------------------------- oversized bodies
+BIG = b'{"instruction": "' + b"a" * (24 * MiB) + b'"}'  # 3x the limit: answered early, a closing socket resets
+
+
+def _over_limit(kind):  # a fresh iterator each time: http.client sends an iterator chunked
+    return BIG if kind == "declared" else iter([b"x" * MiB] * 24)
+
+
+@pytest.mark.parametrize("kind", ["declared", "chunked"])
+def test_oversized_body_keeps_a_keep_alive_connection(api, kind):
+    conn = http.client.HTTPConnection(urlparse(api).hostname, urlparse(api).port, timeout=60)
+    try:
+        status, _, err = call(api, body=_over_limit(kind), conn=conn)
+        assert status == 413 and err["error"]["code"] == "body_too_large" and err["error"]["field"] == "body", err
+        status, _, out = call(api, body=body_for(), conn=conn)  # the proxy dropped the rest of the big body
+        assert status == 200, out
+        check_chunk(out)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("kind,token,status", [("declared", TOKEN, 413), ("chunked", TOKEN, 413),
+                                               ("declared", "wrong-token-0123456789abcdef", 401)])
+def test_an_error_on_a_closing_connection_is_answered_not_reset(api, kind, token, status):
+    # Connection: close (urllib's): the app reads the body's rest first, else the client sees a reset, not the answer
+    got, _, err = call(api, body=_over_limit(kind), token=token, headers={"Connection": "close"})
+    assert got == status and err["error"]["status"] == status, err
+
+
+def test_http_1_0_oversized_body_is_a_413(api):
+    u = urlparse(api)
+    head = (f"POST /v1/act HTTP/1.0\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(BIG)}\r\n\r\n").encode()
+    with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+        s.sendall(head + BIG)
+        data = b""
+        while chunk := s.recv(65536):  # HTTP/1.0: the server closes after the answer
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line.split()[1] == b"413", data[:200]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_declared_content_length_over_limit_is_refused_before_the_body(api, close):
     u = urlparse(api)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     conn.putrequest("POST", "/v1/act")
-    for k, v in {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}",
-                 "Content-Length": str(64 * MiB)}.items():
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}", "Content-Length": str(64 * MiB)}
+    for k, v in {**headers, **({"Connection": "close"} if close else {})}.items():
         conn.putheader(k, v)
-    conn.endheaders()  # no body is ever sent
+    conn.endheaders()  # no body is ever sent; a closing connection is answered once nothing arrives for a second
     r = conn.getresponse()
     assert r.status == 413 and json.loads(r.read())["error"]["code"] == "body_too_large"
     conn.close()
+
+
+# ---------------------------------------------------------------- proprio
+PROPRIO = [0.1, -0.2, 0.3, 0.0, 0.5, -0.5, 1.0, 0.04]
+
+
+@pytest.mark.parametrize("proprio,given", [(_DROP, "required"), ([0.0], "1 value"), ([], "0 value"),
+                                           ([0.0] * 9, "9 value"), ([0.0] * 7, "7 value")])
+def test_a_proprio_policy_needs_exactly_its_proprio_dim(proprio_api, proprio, given):
+    status, _, body = call(proprio_api, body=_with(proprio=proprio))
+    assert status == 422, body
+    err = body["error"]
+    assert err["field"] == "proprio" and given in err["message"] and "exactly 8" in err["message"], err
+
+
+def test_a_proprio_policy_reads_proprio_and_reports_its_dim(proprio_api):
+    info = call(proprio_api, "/v1/info", method="GET", ctype=None)[2]
+    assert info["model"]["proprio_dim"] == 8
+    outs = [call(proprio_api, body=_with(proprio=p)) for p in (PROPRIO, PROPRIO, [1.0] * 8)]
+    assert all(status == 200 for status, _, _ in outs), outs
+    check_chunk(outs[0][2])
+    assert outs[0][2]["tokens"] == outs[1][2]["tokens"] and outs[0][2]["tokens"] != outs[2][2]["tokens"]
+
+
+def test_bad_proprio_does_not_fail_the_batch_it_would_join(proprio_api):
+    barrier = threading.Barrier(8)
+
+    def one(i):
+        barrier.wait()
+        return call(proprio_api, body=_with(proprio=PROPRIO if i % 2 else [0.0]))[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(one, range(8))) == [200] * 4 + [422] * 4
+
+
+def test_a_policy_without_proprio_ignores_the_field(api):
+    plain = call(api, body=body_for())
+    with_proprio = call(api, body=body_for(proprio=[100.0] * 3))
+    assert plain[0] == with_proprio[0] == 200 and plain[2]["tokens"] == with_proprio[2]["tokens"]
 
 
 def test_still_serves_after_bad_requests(api):

@@ -74,6 +74,14 @@ def test_killed_learner_resumes_with_identical_losses(ray_cluster, tiny_policy_d
 
     resumed = LearnerGroup(cfg)
     resumed.setup_grpo(tiny_policy_dir, 123, samples)  # fresh RNG: everything must come from disk
+    if term:  # a truncated DeepSpeed file names the checkpoint; the intact copy still resumes exactly
+        import shutil
+
+        shutil.copytree(tmp_path / "ckpt", tmp_path / "broken")
+        states = sorted((tmp_path / "broken").rglob("*model_states.pt"))[0]
+        states.write_bytes(states.read_bytes()[:64])
+        with pytest.raises(Exception, match=rf"checkpoint folder {tmp_path / 'broken'} is unreadable"):
+            resumed.load_state(tmp_path / "broken")
     assert resumed.load_state(tmp_path / "ckpt")["step"] == 2
     assert _run_steps(resumed, batches[2:]) == pytest.approx(expected[2:], abs=0)
     resumed.shutdown()
@@ -102,6 +110,16 @@ def test_surplus_trajectories_round_trip_without_pickle(tmp_path):
         assert (a.task, a.init_state, a.success, a.env_steps) == (b.task, b.init_state, b.success, b.env_steps)
         for k in ("images", "tokens", "logprobs", "executed"):
             assert np.array_equal(getattr(a, k), getattr(b, k))
+
+
+def test_truncated_checkpoint_files_are_named_in_the_error(tmp_path):
+    from common.files import UnreadableFile
+
+    save_trajectories(_batch(3, n=2), tmp_path / "surplus")
+    victim = sorted((tmp_path / "surplus").glob("*.npz"))[1]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(UnreadableFile, match=rf"checkpoint file {victim} is unreadable"):
+        load_trajectories(tmp_path / "surplus")
 
 
 def test_sft_in_one_pass_takes_the_same_step_as_micro_batched(ray_cluster, tiny_policy_dir, tmp_path):

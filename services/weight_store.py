@@ -1,0 +1,49 @@
+"""The current weights of a run, for replicas that start after the run published them.
+
+Serve restarts a dead replica with its construction arguments, i.e. the initial policy at
+version 0. Every replica therefore asks this named actor for the current (version, weights) before
+it takes requests, and the trainer publishes here before it broadcasts a new version, so a
+restarted replica never serves stale weights.
+
+The store holds a reference to the state dict in the object store (no copy of the tensors).
+"""
+
+from __future__ import annotations
+
+import ray
+
+NAMESPACE = "vla-grpo"
+
+
+def store_name(app_name: str) -> str:
+    return f"{app_name}-weights"
+
+
+@ray.remote(num_cpus=0)
+class WeightStore:
+    def __init__(self):
+        self.version: int | None = None
+        self.holder: list = []  # [ObjectRef of {name: tensor}]: a list, so Ray passes the ref, not the value
+
+    def publish(self, version: int, holder: list) -> int:
+        self.version, self.holder = version, holder
+        return version
+
+    def current(self) -> tuple[int | None, list]:
+        return self.version, self.holder
+
+
+def start_weight_store(app_name: str):
+    """The run's store (a named actor; an earlier run's on this cluster is reused and overwritten)."""
+    return WeightStore.options(name=store_name(app_name), namespace=NAMESPACE, get_if_exists=True,
+                               lifetime=None).remote()
+
+
+def current_weights(app_name: str, timeout_s: float = 60.0) -> tuple[int | None, object]:
+    """(version, state-dict ref) the run serves now; (None, None) before any publish or without a store."""
+    try:
+        store = ray.get_actor(store_name(app_name), namespace=NAMESPACE)
+    except ValueError:  # no run has started one (e.g. a replica serving a policy on its own)
+        return None, None
+    version, holder = ray.get(store.current.remote(), timeout=timeout_s)
+    return version, (holder[0] if holder else None)
