@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import transformers
 
 from common.config import PolicyConfig
+from common.files import reading
 from policy.modeling import OpenVLAOFTPolicy, VLAConfig
 from policy.openvla_layout import is_official_layout, load_official, refuse_pickles
 from policy.processor import ImageProcessor
@@ -155,7 +156,8 @@ def load_policy(
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a policy folder (no config.json); checkpoints load from local disk only")
     refuse_pickles(folder)
-    config = json.loads((folder / "config.json").read_text())
+    with reading(folder / "config.json", "policy config file"):
+        config = json.loads((folder / "config.json").read_text())
     policy = policy or PolicyConfig()
     device = device or policy.device
     if is_official_layout(config):

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from common.files import reading
+
 INDEX_FILE = "model.safetensors.index.json"
 
 # one entry of a load plan: the checkpoint tensors a parameter is made of, and how
@@ -49,15 +51,18 @@ class Shards:
         if not files:
             raise FileNotFoundError(f"{folder} has no .safetensors weights (pickle checkpoints are not loaded)")
         self.device = resolve_device(device)
+        self.folder = folder
         self._stack = ExitStack()
         self._handles: dict[str, object] = {}
         self.file_of: dict[str, str] = {}
         for name in files:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / INDEX_FILE} names shard {name}, which is missing")
-            handle = self._stack.enter_context(safe_open(str(folder / name), framework="pt", device=str(self.device)))
+            with reading(folder / name, "policy weights file"):  # a truncated header: safetensors' own error names no file
+                handle = self._stack.enter_context(safe_open(str(folder / name), framework="pt", device=str(self.device)))
+                keys = handle.keys()
             self._handles[name] = handle
-            for key in handle.keys():
+            for key in keys:
                 if weight_map and weight_map.get(key) != name:
                     raise ValueError(f"{folder / name} holds {key}, which {INDEX_FILE} places in {weight_map.get(key)}")
                 if key in self.file_of:
@@ -81,7 +86,9 @@ class Shards:
         return {k: torch.empty(self._handles[f].get_slice(k).get_shape(), device="meta") for k, f in self.file_of.items()}
 
     def read(self, name: str) -> torch.Tensor:
-        return self._handles[self.file_of[name]].get_tensor(name)
+        file = self.file_of[name]
+        with reading(self.folder / file, "policy weights file"):  # data cut short after a whole header
+            return self._handles[file].get_tensor(name)
 
 
 def load_sharded(model: nn.Module, shards: Shards, plan: Plan, dtype: torch.dtype) -> None:

@@ -88,6 +88,18 @@ def test_loading_a_folder_without_weights_or_config_fails_clearly(tmp_path):
         load_policy(tmp_path)
 
 
+@pytest.mark.parametrize("cut", ["header", "data"])
+def test_a_truncated_weights_file_is_named(tiny_policy, tmp_path, cut):
+    from common.files import UnreadableFile
+
+    folder = save_policy(tiny_policy, tmp_path / "ckpt")
+    victim = folder / "model.safetensors"
+    data = victim.read_bytes()
+    victim.write_bytes(data[:100] if cut == "header" else data[: len(data) // 2])
+    with pytest.raises(UnreadableFile, match=rf"policy weights file {victim} is unreadable"):
+        load_policy(folder)
+
+
 def test_attention_is_bidirectional_over_the_action_chunk(tiny_config):
     """OFT reads action logits with bidirectional attention: the logits at the last prompt token
     depend on what FOLLOWS it (the stop token). With the causal ablation they do not."""
