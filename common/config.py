@@ -59,6 +59,9 @@ class PolicyConfig(Section):
         "cpu", pattern=r"^(cpu|cuda(:\d+)?|meta)$",
         description="where the policy is built or loaded, in `dtype`, without a full-precision CPU copy first; Ray "
                     "actors granted a GPU use cuda whatever this says; meta = shapes only (no memory)")
+    compile: bool = Field(
+        False, description="Serve replicas torch.compile every transformer block (regional): +28 % chunks/s at "
+        "batch 32 for the 7B policy on an H200, paid once per batch size at start; for GPU replicas")
     center_crop: float | None = Field(
         None, gt=0, le=1,
         description="fraction of the image AREA kept by a center crop before resizing (OpenVLA/OFT checkpoints "

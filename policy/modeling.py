@@ -208,6 +208,18 @@ class OpenVLAOFTPolicy(nn.Module):
         if left and device.type != "meta":
             raise RuntimeError(f"tensors left on the meta device: {left[:12]}")
 
+    def compile_blocks(self) -> None:
+        """Regional torch.compile for inference: every transformer block of the towers and the LM
+        compiled on its own (identical blocks share the compiled code, so it compiles once per block
+        type and input shape). Measured on an H200 at 7B: +28 % chunks/s at batch 32 (docs/performance.md)."""
+        blocks = [*self.language_model.model.layers]
+        for tower in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer):
+            if tower is not None:
+                encoder = tower.encoder
+                blocks += [*getattr(encoder, "layer", getattr(encoder, "layers", []))]
+        for block in blocks:
+            block.compile()
+
     def split_action_head(self) -> None:
         """Train the LM head's 256 action rows as a parameter of their own (the learner calls this).
         action_logits reads no other row, but as one [32064, H] parameter the head costs a zeroed

@@ -207,18 +207,6 @@ def attention_report(policy, inputs, padded: bool, device: torch.device) -> dict
             "backends": backends}
 
 
-def compile_blocks(model) -> None:
-    """Regional compilation: every transformer block of the towers and the LM compiled on its own
-    (identical blocks share the compiled code, so it compiles once per block type and shape)."""
-    blocks = [*model.language_model.model.layers]
-    for tower in (model.vision_backbone.featurizer, model.vision_backbone.fused_featurizer):
-        if tower is not None:
-            encoder = tower.encoder
-            blocks += [*getattr(encoder, "layer", getattr(encoder, "layers", []))]
-    for block in blocks:
-        block.compile()
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if not Path(args.config).is_file() and (ROOT / args.config).is_file():
@@ -234,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     build_s = time.perf_counter() - start
     policy.model.eval()
     if args.compile:
-        compile_blocks(policy.model)
+        policy.model.compile_blocks()
     device = policy.device
     name, peak = peak_flops(device, dtype)
     stop = policy.tokenizer.eos_token_id
