@@ -1,307 +1,185 @@
-"""Inference-only ceiling of the policy on one device: chunks/s, MFU and latency, no Ray, no envs.
+"""One machine, one run: our rollout against its two ceilings and a lock-step rollout, side by side.
 
-    python scripts/bench_gpu.py [--config configs/oft7b.yaml] [--device cuda] [--dtype bfloat16]
-        [--batches 1,8,32,64] [--iters 20] [--warmup 3] [--latency-iters 50] [--image-size 256]
-        [--prompts uniform,mixed] [--compile] [--cuda-graphs] [--out PATH] [key=value ...]
+    python scripts/bench_gpu.py [--config configs/gpu_1x16.yaml] [--phases sim,inference,ours,lockstep]
+        [--sim-seconds 30] [--warmup-seconds 5] [--rounds 2]
+        [--device cuda] [--dtype bfloat16] [--batches 1,8,32,64] [--iters 20] [--warmup 3]
+        [--latency-iters 50] [--image-size 256] [--prompts uniform,mixed] [--compile] [--cuda-graphs]
+        [--out PATH] [key=value ...]
 
-The policy is `policy.path` if the config sets one, else random-initialised on the device in the
-dtype (built on the meta device first: policy/weights.py). Inputs: random uint8 images of
---image-size (256 = LIBERO's render: the processor crops and resizes them), one fixed instruction
-for every row ("uniform": no padding, so the LM runs without an attention mask) or several of
-different lengths ("mixed": right-padded, so the LM gets the [B, 1, 1, L] key-padding bias).
-
-Timed per batch size (each iteration ends in a device sync; warm-up iterations excluded):
-  act      policy.act on host uint8 images: the uint8 copy to the device, crop / resize / normalise
-           there, the forward, sampling and the chunk back to the host: the service's path
-  forward  model.action_logits alone, on inputs already on the device
-  graph    the forward replayed as a CUDA graph (--cuda-graphs)
-FLOPs per forward are counted by torch.utils.flop_counter on one real forward (every matmul,
-convolution and attention, all tower layers included), and for comparison estimated as 2 x weights
-x tokens (Linear / conv weights of each part times the tokens through it; the LM head counts only
-its 256 action rows at the 56 read positions). MFU = counted FLOPs / time / the device's dense bf16
-peak (PEAK_TFLOPS). Writes JSON to --out (default $OUT/bench_gpu.json when OUT is set, else
-runs/bench_gpu.json) and prints a table.
+Phases (any subset; they run in the order inference, ours, sim, lockstep, so that each finds the
+CPUs and the GPU free of the others):
+  sim        (a) sim-only ceiling: the config's env workers (same number, same envs each) step random
+             action chunks for --sim-seconds, no policy (env_workers/sim_worker.py)
+  inference  (b) inference-only ceiling: the policy on this process's device, no Ray, no envs
+             (scripts/bench_inference.py: chunks/s, MFU, batch-1 latency, attention kernels)
+  ours       (c) our rollout through the real pipeline (deploy/runtime.py Rollout, actors/env_pool.py)
+  lockstep   (d) a lock-step rollout: all envs step together, one batched forward per step, sim and
+             inference never overlap (scripts/bench_rollout.py); ours and lockstep run --rounds
+             rounds of one episode per env slot against the same policy service
+For a, c and d: env steps/s, mean inference batch, GPU utilisation sampled during the phase
+(null without NVML or nvidia-smi) and the machine's CPU-ms per env step. The targets: ours at
+>= 90 % of min(sim ceiling, inference ceiling), the inference ceiling in env steps/s being the best
+act chunks/s of phase b times policy.action_chunk; ours >= 1.5 x lockstep; ours >= 600 env steps/s.
+The policy is `policy.path` if set, else random weights of the configured size (saved once under
+run_dir/bench for the replica). Writes JSON to --out (default $OUT/bench_gpu.json when OUT is set,
+else runs/bench_gpu.json) after every phase, and prints a table at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import re
+import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.config_loading import load_config  # noqa: E402
-from common.records import Observation  # noqa: E402
-from policy.checkpoint import DTYPES, build_policy, load_policy  # noqa: E402
+from common.config_loading import ConfigError, load_config  # noqa: E402
+from policy.checkpoint import DTYPES  # noqa: E402
+from scripts.bench_inference import load_bench_policy, measure_inference, print_table  # noqa: E402
 
-# dense bf16 tensor-core peak, TFLOP/s, by device-name substring (first match wins; vendor datasheets)
-PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
-INSTRUCTIONS = [  # LIBERO-Spatial-style, of different lengths ("mixed"); the first one for "uniform"
-    "pick up the black bowl between the plate and the ramekin and place it on the plate",
-    "pick up the black bowl on the stove and place it on the plate",
-    "pick up the black bowl next to the cookie box and place it on the plate",
-    "pick up the black bowl on the wooden cabinet and place it on the plate",
-]
-ATTENTION_KERNEL = re.compile(r"flash|fmha|attention|attn|cudnn|mha|sdpa", re.IGNORECASE)
+PHASES = ("sim", "inference", "ours", "lockstep")
+TARGETS = {"ours_over_ceiling": 0.9, "ours_over_lockstep": 1.5, "ours_env_steps_per_s": 600.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/oft7b.yaml")
+    p.add_argument("--config", default="configs/gpu_1x16.yaml")
+    p.add_argument("--phases", default=",".join(PHASES), type=lambda s: s.split(","),
+                   help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--sim-seconds", type=float, default=30.0, help="sim: timed window of random stepping")
+    p.add_argument("--warmup-seconds", type=float, default=5.0, help="sim: random stepping before the window")
+    p.add_argument("--rounds", type=int, default=2, help="ours, lockstep: rounds of one episode per env slot")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--batches", default="1,8,32,64", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--iters", type=int, default=20, help="timed iterations per batch size")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--latency-iters", type=int, default=50, help="timed iterations at batch 1 for p50/p99")
-    p.add_argument("--image-size", type=int, default=256, help="side of the random uint8 images")
+    p.add_argument("--iters", type=int, default=20, help="inference: timed iterations per batch size")
+    p.add_argument("--warmup", type=int, default=3, help="inference: untimed iterations first")
+    p.add_argument("--latency-iters", type=int, default=50, help="inference: timed iterations at batch 1 for p50/p99")
+    p.add_argument("--image-size", type=int, default=256, help="inference: side of the random uint8 images")
     p.add_argument("--prompts", default="uniform,mixed", type=lambda s: s.split(","))
-    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (regional)")
-    p.add_argument("--cuda-graphs", action="store_true", help="also time the forward replayed as a CUDA graph")
+    p.add_argument("--compile", action="store_true", help="inference: torch.compile every transformer block (regional)")
+    p.add_argument("--cuda-graphs", action="store_true", help="inference: also time the forward as a CUDA graph")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = Path(os.environ["OUT"]) / "bench_gpu.json" if os.environ.get("OUT") else Path("runs/bench_gpu.json")
+    if unknown := set(args.phases) - set(PHASES):
+        p.error(f"--phases: unknown {sorted(unknown)}; known: {','.join(PHASES)}")
     if any(b < 1 for b in args.batches) or args.iters < 1 or set(args.prompts) - {"uniform", "mixed"}:
         p.error("batches and iters must be positive; prompts are uniform and/or mixed")
+    if args.sim_seconds <= 0 or args.warmup_seconds < 0 or args.rounds < 1:
+        p.error("--sim-seconds must be positive, --warmup-seconds at least 0 and --rounds at least 1")
+    if not Path(args.config).is_file() and (ROOT / args.config).is_file():
+        args.config = str(ROOT / args.config)
+    try:
+        args.cfg = load_config(args.config, [f"policy.device={args.device}", f"policy.dtype={args.dtype}",
+                                             "logging.tensorboard=false", *args.overrides])
+    except ConfigError as err:
+        p.error(str(err).replace("\n", " "))
     return args
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[str, float | None]:
-    if device.type != "cuda":
-        return "cpu", None
-    name = torch.cuda.get_device_name(device)
-    peak = next((tf for key, tf in PEAK_TFLOPS if key in name), None)
-    return name, peak * 1e12 if peak is not None and dtype == torch.bfloat16 else None
+def inference_ceiling(result: dict, chunk: int) -> dict:
+    """The best act chunks/s of phase b, and in env steps/s (every chunk is `chunk` env steps)."""
+    best = max(result["rows"], key=lambda r: r["act_chunks_per_s"])
+    chunks_per_s = float(best["act_chunks_per_s"])
+    return {"env_steps_per_s": chunks_per_s * chunk, "chunks_per_s": chunks_per_s,
+            "batch": best["batch"], "prompts": best["prompts"]}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def targets(result: dict) -> dict:
+    """Ours against min(sim, inference ceiling), against lockstep, and against 600 env steps/s,
+    each with its threshold and whether it is met (null where a phase it needs did not run)."""
+    ceilings = {k: result[k]["env_steps_per_s"] for k in ("sim", "inference_ceiling") if k in result}
+    ours = result.get("ours", {}).get("env_steps_per_s")
+    values = {"ours_over_ceiling": ours / min(ceilings.values()) if ours and ceilings else None,
+              "ours_over_lockstep": ours / result["lockstep"]["env_steps_per_s"] if ours and "lockstep" in result else None,
+              "ours_env_steps_per_s": ours}
+    return {k: {"value": v, "target": TARGETS[k], "met": None if v is None else bool(v >= TARGETS[k])} for k, v in values.items()}
 
 
-def timed(fn, iters: int, warmup: int, device: torch.device) -> np.ndarray:
-    """Seconds per call: synchronize + perf_counter around each call, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return np.array(times)
-
-
-def observations(batch: int, size: int, prompts: str) -> list[Observation]:
-    rng = np.random.default_rng(batch)
-    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    texts = [INSTRUCTIONS[0 if prompts == "uniform" else i % len(INSTRUCTIONS)] for i in range(batch)]
-    return [Observation(im, t) for im, t in zip(images, texts)]
-
-
-def device_inputs(policy, obs: list[Observation]) -> tuple[tuple[torch.Tensor, ...], bool]:
-    ids, lengths = policy.prompts([o.instruction for o in obs])
-    images = torch.from_numpy(np.stack([o.image for o in obs])).to(policy.device)
-    inputs = (policy.pixels(images), ids.to(policy.device), lengths.to(policy.device))
-    return inputs, bool(lengths.min() < lengths.max())
-
-
-def seq_len(model, prompt_len: int) -> int:
-    """The LM's sequence: BOS + patches (+ proprio) + prompt[1:] + action placeholders + </s>."""
-    cfg = model.config
-    return cfg.num_patches + (cfg.proprio_dim > 0) + prompt_len + cfg.num_action_tokens + 1
-
-
-def counted_flops(forward) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.compiler.set_stance("force_eager"):  # count the eager ops, compiled or not
-        forward()
-    return float(counter.get_total_flops())
-
-
-def estimated_flops(model, batch: int, length: int) -> float:
-    """2 x weights x tokens: each tower's Linear / conv weights over its tokens (DINOv2: patches + CLS
-    + 4 registers), the projector's over the patches, the LM blocks' over the whole sequence, and the
-    256 action rows of the LM head over the 56 read positions."""
-    def weights(module):
-        return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
-
-    cfg, vision = model.config, model.vision_backbone
-    patches = cfg.num_patches
-    total = 0
-    for tower, kind in zip((vision.featurizer, vision.fused_featurizer), vision.tower_kinds):
-        total += weights(tower) * (patches + (5 if kind == "dinov2" else 0))
-    total += weights(model.projector) * patches + weights(model.language_model.model) * length
-    total += model.action_head_weight().numel() * cfg.num_action_tokens
-    return 2.0 * total * batch
-
-
-def graph_forward(forward_on, inputs, iters: int, warmup: int, device: torch.device) -> np.ndarray:
-    """The forward captured once as a CUDA graph on static inputs; each replay first copies the
-    batch in (as a server would)."""
-    static = [t.clone() for t in inputs]
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            forward_on(static)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward_on(static)
-
-    def replay():
-        for dst, src in zip(static, inputs):
-            dst.copy_(src, non_blocking=True)
-        graph.replay()
-
-    times = timed(replay, iters, warmup, device)
-    return times
-
-
-def attention_report(policy, inputs, padded: bool, device: torch.device) -> dict:
-    """Which SDPA kernels the forward launches (CUDA kernel names from the profiler), and which SDPA
-    backends accept the LM's attention at these shapes with the policy's mask and with none."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        policy.model.action_logits(*inputs, padded=padded)
-        sync(device)
-    kernels = {}
-    for evt in prof.key_averages():
-        if ATTENTION_KERNEL.search(evt.key) and getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            ms = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3
-            kernels[evt.key[:160]] = {"calls": evt.count, "ms": round(ms, 3)}
-    text = policy.model.language_model.config
-    batch, length = inputs[1].shape[0], seq_len(policy.model, inputs[1].shape[1])
-    head_dim = text.hidden_size // text.num_attention_heads
-    q, k, v = (torch.randn(batch, text.num_attention_heads, length, head_dim, device=device, dtype=inputs[0].dtype) for _ in range(3))
-    bias = torch.zeros(batch, 1, 1, length, device=device, dtype=q.dtype)
-    bias[0, ..., length - 3:] = torch.finfo(q.dtype).min  # one padded row, as a mixed batch has
-    backends = {}
-    for label, mask in (("key_padding_bias", bias), ("no_mask", None)):
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
-            try:
-                with sdpa_kernel([backend]):
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                backends[f"{label}/{backend.name}"] = "ok"
-            except RuntimeError as e:
-                backends[f"{label}/{backend.name}"] = "refused: " + str(e).strip().splitlines()[-1][:160]
-    return {"kernels_in_forward": kernels, "lm_shape": [batch, text.num_attention_heads, length, head_dim],
-            "backends": backends}
+def write(result: dict, out: Path) -> None:
+    """The figures so far and the targets they allow (a run cut short keeps both)."""
+    result["targets"] = targets(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if not Path(args.config).is_file() and (ROOT / args.config).is_file():
-        args.config = str(ROOT / args.config)
-    cfg = load_config(args.config, [f"policy.device={args.device}", f"policy.dtype={args.dtype}", *args.overrides]).policy
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    start = time.perf_counter()
-    if cfg.path is None:
-        policy = build_policy(cfg, seed=0)
-    else:
-        policy = load_policy(cfg.path, cfg.unnorm_key, cfg.dtype, cfg)
-    sync(device)
-    build_s = time.perf_counter() - start
-    policy.model.eval()
-    if args.compile:
-        policy.model.compile_blocks()
-    device = policy.device
-    name, peak = peak_flops(device, dtype)
-    stop = policy.tokenizer.eos_token_id
-    gen = torch.Generator(device=device).manual_seed(0)
-    rows, attention = [], {}
-    with torch.inference_mode():
-        for prompts in args.prompts:
-            for batch in args.batches:
-                obs = observations(batch, args.image_size, prompts)
-                inputs, padded = device_inputs(policy, obs)
+    # a time limit's SIGTERM (gpu_checks.sh) ends the run through the finally blocks: Ray is shut down
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    cfg, phases, start = args.cfg, set(args.phases), time.perf_counter()
+    cluster = cfg.cluster
+    result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
+              "config": args.config, "overrides": args.overrides, "phases": [p for p in PHASES if p in phases],
+              "env": {"backend": cfg.env.backend, "suite": cfg.env.suite, "max_steps": cfg.env.max_steps,
+                      "num_env_workers": cluster.num_env_workers, "envs_per_worker": cluster.envs_per_worker},
+              "rounds": args.rounds, "sim_seconds": args.sim_seconds}
 
-                def forward_on(x, padded=padded):
-                    return policy.model.action_logits(*x, stop_token_id=stop, padded=padded)
+    def record(phase: str, figures: dict) -> None:
+        result[phase] = figures
+        write(result, args.out)
+        print(f"[bench_gpu {time.perf_counter() - start:.0f}s] {phase}: {json.dumps(figures, default=float)}", flush=True)
 
-                flops = counted_flops(lambda: forward_on(inputs))
-                length = seq_len(policy.model, inputs[1].shape[1])
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                act = timed(lambda: policy.act(obs, generator=gen), args.iters, args.warmup, device)
-                fwd = timed(lambda: forward_on(inputs), args.iters, args.warmup, device)
-                row = {"prompts": prompts, "padded": padded, "batch": batch, "seq_len": length,
-                       "flops_counted": flops, "flops_2nt": estimated_flops(policy.model, batch, length),
-                       "act_ms": 1e3 * act.mean(), "act_chunks_per_s": batch / act.mean(),
-                       "forward_ms": 1e3 * fwd.mean(), "forward_chunks_per_s": batch / fwd.mean(),
-                       "mfu_act": flops / act.mean() / peak if peak else None,
-                       "mfu_forward": flops / fwd.mean() / peak if peak else None,
-                       "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
-                if args.cuda_graphs and device.type == "cuda":
-                    try:
-                        graph = graph_forward(forward_on, inputs, args.iters, args.warmup, device)
-                        row.update(graph_ms=1e3 * graph.mean(), mfu_graph=flops / graph.mean() / peak if peak else None)
-                    except Exception as e:  # report, keep measuring: the graph variant is optional
-                        row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                rows.append(row)
-                if device.type == "cuda" and batch == min(args.batches, key=lambda b: abs(b - 8)):
-                    attention[prompts] = attention_report(policy, inputs, padded, device)
-        latency = {}
-        for prompts in args.prompts[:1]:
-            obs = observations(1, args.image_size, prompts)
-            inputs, padded = device_inputs(policy, obs)
-            for label, fn in (("act", lambda: policy.act(obs, generator=gen)),
-                              ("forward", lambda: policy.model.action_logits(*inputs, stop_token_id=stop, padded=padded))):
-                t = timed(fn, args.latency_iters, args.warmup, device)
-                latency[label] = {"p50_ms": 1e3 * float(np.percentile(t, 50)), "p99_ms": 1e3 * float(np.percentile(t, 99)),
-                                  "iters": len(t)}
-    import transformers
+    rollouts = phases & {"sim", "ours", "lockstep"}
+    if rollouts:  # Ray and the simulators: the inference phase alone needs only torch, transformers and pydantic
+        from scripts.bench_rollout import random_policy_dir, run_phases
+    policy_dir = cfg.policy.path
+    if "inference" in phases or (policy_dir is None and phases & {"ours", "lockstep"}):
+        policy, build_s = load_bench_policy(cfg.policy)
+        if "inference" in phases:
+            result["inference"] = measure_inference(policy, build_s, args)
+            record("inference_ceiling", inference_ceiling(result["inference"], cfg.policy.action_chunk))
+        if policy_dir is None and phases & {"ours", "lockstep"}:
+            policy_dir = random_policy_dir(cfg, policy)
+        del policy  # the GPU memory goes to the replica
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
-    result = {
-        "device": name, "torch": torch.__version__, "transformers": transformers.__version__, "config": args.config,
-        "dtype": args.dtype, "compile": args.compile, "params": sum(p.numel() for p in policy.model.parameters()),
-        "build_s": build_s, "peak_flops": peak, "image_size": args.image_size, "center_crop": policy.image_processor.center_crop,
-        "timing": "synchronize + perf_counter per iteration, warm-up excluded; act includes the uint8 host->device "
-                  "copy and GPU preprocessing, forward does not",
-        "flops": "flops_counted: torch.utils.flop_counter on one forward; flops_2nt: 2 x Linear/conv weights x tokens",
-        "rows": rows, "latency_batch1": latency, "attention": attention,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float))
-    print_table(result)
+    if rollouts:
+        import ray
+
+        try:
+            run_phases(cfg, policy_dir, phases, record, args.rounds, args.sim_seconds, args.warmup_seconds)
+        finally:
+            ray.shutdown()
+    write(result, args.out)
+    print_summary(result)
     return result
 
 
-def print_table(result: dict) -> None:
-    print(f"{result['device']}  torch {result['torch']}  transformers {result['transformers']}  {result['dtype']}  "
-          f"{result['params'] / 1e9:.3f} B params  built in {result['build_s']:.1f} s  compile={result['compile']}")
-    head = ["prompts", "B", "L", "GFLOP", "act ms", "act ch/s", "fwd ms", "fwd ch/s", "graph ms", "MFU act", "MFU fwd", "mem GiB"]
-    print(" ".join(f"{h:>9}" for h in head))
-    pct = lambda x: f"{100 * x:.1f}%" if x is not None else "-"  # noqa: E731
-    for r in result["rows"]:
-        cells = [r["prompts"], r["batch"], r["seq_len"], f"{r['flops_counted'] / 1e9:.1f}", f"{r['act_ms']:.1f}",
-                 f"{r['act_chunks_per_s']:.1f}", f"{r['forward_ms']:.1f}", f"{r['forward_chunks_per_s']:.1f}",
-                 f"{r['graph_ms']:.1f}" if "graph_ms" in r else "-", pct(r["mfu_act"]), pct(r["mfu_forward"]),
-                 f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"]
-        print(" ".join(f"{c:>9}" for c in cells))
-    for label, lat in result["latency_batch1"].items():
-        print(f"batch 1 {label}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms ({lat['iters']} iterations)")
-    for prompts, rep in result["attention"].items():
-        print(f"attention ({prompts}): kernels {rep['kernels_in_forward']}")
-        print(f"  SDPA backends at LM shape {rep['lm_shape']}: {rep['backends']}")
+def print_summary(result: dict) -> None:
+    if "inference" in result:
+        print_table(result["inference"])
+    env = result["env"]
+    print(f"\n{result['device']}, {result['cpus']} CPUs; {env['backend']}/{env['suite']}: {env['num_env_workers']} workers x "
+          f"{env['envs_per_worker']} envs, {env['max_steps']} steps per episode")
+    print(f"{'phase':>14} {'env steps/s':>12} {'mean batch':>11} {'GPU util':>9} {'CPU ms/step':>12} {'seconds':>8}")
+    labels = {"sim": "(a) sim", "inference_ceiling": "(b) inference", "ours": "(c) ours", "lockstep": "(d) lockstep"}
+    for key, label in labels.items():
+        if key not in result:
+            continue
+        r = result[key]
+        if key == "inference_ceiling":
+            print(f"{label:>14} {r['env_steps_per_s']:12.1f}  ({r['chunks_per_s']:.1f} chunks/s at batch {r['batch']}, {r['prompts']})")
+            continue
+        batch = f"{r['mean_inference_batch']:.1f}" if r["mean_inference_batch"] is not None else "-"
+        gpu = f"{r['gpu_util']['mean_pct']:.0f} %" if r["gpu_util"] else "-"
+        print(f"{label:>14} {r['env_steps_per_s']:12.1f} {batch:>11} {gpu:>9} {r['cpu_ms_per_env_step']:12.2f} {r['seconds']:8.1f}")
+    for name, t in result["targets"].items():
+        value = "not measured" if t["value"] is None else f"{t['value']:.2f} ({'met' if t['met'] else 'NOT met'})"
+        print(f"target {name} >= {t['target']:g}: {value}")
 
 
 if __name__ == "__main__":

@@ -1,38 +1,161 @@
-"""Rollout throughput: our slot-freeing rollout vs the original's lock-step rollout, same run.
+"""Rollout throughput: our slot-freeing rollout vs a lock-step rollout, same envs and policy, one run.
 
     python scripts/bench_rollout.py [configs/demo.yaml] [--rounds N] [key=value ...]
 
-Prints env steps/s, mean inference batch size and the machine's CPU time per env step
-(all processes; run it alone) for both modes and their ratio;
-writes run_dir/bench_rollout.json. The policy is `policy.path` if set (e.g. runs/demo/rl_policy),
-else a random one of the configured size. A random policy never succeeds, so every episode runs to
-the step limit and lock-step wastes nothing (it even batches better); the gap in our favour grows
-with the spread of episode lengths, i.e. with a policy that succeeds early and often."""
+Prints env steps/s, mean inference batch size, the machine's CPU time per env step (all
+processes; run it alone) and the GPU's utilisation for both modes and their ratio; writes
+run_dir/bench_rollout.json. The policy is `policy.path` if set (e.g. runs/demo/rl_policy), else a
+random one of the configured size. Each mode runs `--rounds` rounds of one episode per env slot.
+
+The modes (scripts/bench_gpu.py runs them too, with the sim-only ceiling):
+  ours      the real pipeline (deploy/runtime.py `Rollout`, actors/env_pool.py): a slot takes its
+            next episode as soon as its own ends; each worker's waiting envs go to the policy
+            service in one request, and the service batches the requests of all workers.
+  lockstep  SimpleVLA-RL's loop, driven from here over SimWorkers (env_workers/sim_worker.py, the
+            same envs): all envs reset together, then per step one batched forward over every env
+            (finished ones included, up to the longest step limit) and every unfinished env applies
+            its chunk; sim and inference never overlap.
+  sim       the same workers stepping random action chunks with no policy: the simulation ceiling.
+A random policy never succeeds, so every episode runs to the step limit and lock-step wastes
+nothing on finished envs; the gap in our favour grows with the spread of episode lengths."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
-import psutil
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.env_pool import Episode  # noqa: E402
+from common.config import RunConfig  # noqa: E402
 from common.config_loading import load_config  # noqa: E402
 from deploy.runtime import Rollout, init_ray  # noqa: E402
+from env_workers.sim_worker import kill_workers, spawn_sim_workers  # noqa: E402
 from policy.checkpoint import build_policy, save_policy  # noqa: E402
+from scripts.phase_meter import PhaseMeter  # noqa: E402
 
 ROUNDS = 8  # rounds of one episode per env slot, per mode
+SIM_SECONDS = 30.0  # the sim-only phase's timed window
+WARMUP_SECONDS = 5.0  # random stepping before it (first resets: JIT compiles, GL contexts)
+TIMEOUT_S = 3600.0  # a whole phase
+POLICY_TIMEOUT_S = 120.0  # one lock-step forward
 
 
-def _busy(times) -> float:
-    # guest time is already inside user/nice on Linux
-    skip = ("idle", "iowait", "guest", "guest_nice")
-    return sum(getattr(times, f) for f in times._fields if f not in skip)
+def slot_requests(task_info: dict, n: int) -> list[tuple[str, int]]:
+    """(task, init state) of each of n env slots: slot i runs task i mod T at that task's
+    (i div T)-th train state, cycling through the states when the slots outnumber them."""
+    tasks = sorted(task_info)
+    out = []
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        states = task_info[task]["train"]
+        out.append((task, states[(i // len(tasks)) % len(states)]))
+    return out
+
+
+def shards(requests: list, per: int) -> list[list]:
+    return [requests[i:i + per] for i in range(0, len(requests), per)]
+
+
+def replica_stats(handle) -> dict:
+    return handle.stats.remote().result(timeout_s=60)
+
+
+def mean_batch(before: dict, after: dict) -> float:
+    return (after["served"] - before["served"]) / max(after["batches"] - before["batches"], 1)
+
+
+def measure_ours(rollout: Rollout, cfg: RunConfig, requests: list, rounds: int) -> dict:
+    def episodes(pairs):
+        return [Episode(t, s, cfg.rollout.temperature, False) for t, s in pairs]
+
+    rollout.pool.run_all(episodes(requests[:len(rollout.pool.workers)]), TIMEOUT_S)  # warm-up, one per worker
+    before = replica_stats(rollout.handle)
+    with PhaseMeter() as meter:
+        done = rollout.pool.run_all(episodes(requests * rounds), TIMEOUT_S)
+    after = replica_stats(rollout.handle)
+    return {**meter.figures(sum(d.meta.env_steps for d in done)), "episodes": len(done),
+            "mean_inference_batch": mean_batch(before, after)}
+
+
+def lockstep_round(handle, workers: list, parts: list[list], cfg: RunConfig, steps: int | None = None) -> dict:
+    """One lock-step round: worker w's envs run parts[w]; queries continue up to the longest step
+    limit (or `steps`) for every env, finished or not, as SimpleVLA-RL's loop does."""
+    obs = ray.get([w.reset.remote(p) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
+    done = [[False] * len(p) for p in parts]
+    limit = steps or max(cfg.env.step_limit(t) for p in parts for t, _ in p)
+    offered = useful = queries = 0
+    while offered < limit:
+        flat = [o for per in obs for o in per]
+        chunks = iter(handle.act_many.remote(flat, cfg.rollout.temperature, False).result(timeout_s=POLICY_TIMEOUT_S))
+        queries += len(flat)
+        offered += cfg.policy.action_chunk
+        moves = [[None if d else c.actions for d, c in zip(dw, itertools.islice(chunks, len(dw)))] for dw in done]
+        results = ray.get([w.step.remote(m) for w, m in zip(workers, moves)], timeout=TIMEOUT_S)
+        for j, per in enumerate(results):
+            for k, r in enumerate(per):
+                if r is not None:
+                    useful += r.steps
+                    obs[j][k], done[j][k] = r.observation, r.done
+    return {"env_steps": useful, "queries": queries}
+
+
+def measure_lockstep(handle, workers: list, cfg: RunConfig, requests: list, rounds: int) -> dict:
+    parts = shards(requests, cfg.cluster.envs_per_worker)
+    lockstep_round(handle, workers, parts, cfg, steps=cfg.policy.action_chunk)  # warm-up: one step at full batch
+    before = replica_stats(handle)
+    with PhaseMeter() as meter:
+        out = [lockstep_round(handle, workers, parts, cfg) for _ in range(rounds)]
+    after = replica_stats(handle)
+    return {**meter.figures(sum(o["env_steps"] for o in out)), "queries": sum(o["queries"] for o in out),
+            "mean_inference_batch": mean_batch(before, after)}
+
+
+def measure_sim(workers: list, cfg: RunConfig, requests: list, seconds: float, warmup_s: float) -> dict:
+    parts, chunk = shards(requests, cfg.cluster.envs_per_worker), cfg.policy.action_chunk
+    ray.get([w.run_random.remote(p, warmup_s, chunk) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
+    with PhaseMeter() as meter:
+        out = ray.get([w.run_random.remote(p, seconds, chunk) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
+    return {**meter.figures(sum(o["env_steps"] for o in out)), "episodes": sum(o["episodes"] for o in out),
+            "mean_inference_batch": None}
+
+
+def run_phases(cfg: RunConfig, policy_dir: str | None, phases: set[str], record: Callable[[str, dict], None],
+               rounds: int = ROUNDS, sim_seconds: float = SIM_SECONDS, warmup_s: float = WARMUP_SECONDS) -> None:
+    """Runs the selected phases of {'ours', 'lockstep', 'sim'} on the Ray cluster and hands each
+    result to record(phase, figures). Order: ours first (its EnvWorkers), then the SimWorkers that
+    take their CPUs over run sim and lockstep (lockstep against the same policy service)."""
+    init_ray(cfg)
+    rollout = Rollout.start(cfg, str(policy_dir)) if phases & {"ours", "lockstep"} else None
+    workers: list = []
+    slots = cfg.cluster.num_env_workers * cfg.cluster.envs_per_worker
+    try:
+        if "ours" in phases:
+            record("ours", measure_ours(rollout, cfg, slot_requests(rollout.task_info, slots), rounds))
+        if rollout is not None:
+            rollout.pool.shutdown()  # its CPUs go to the SimWorkers
+        if phases & {"sim", "lockstep"}:
+            workers = spawn_sim_workers(cfg.env, cfg.cluster, cfg.seed)
+            info = rollout.task_info if rollout else ray.get(workers[0].task_info.remote(), timeout=120)
+            requests = slot_requests({t: v for t, v in info.items() if not cfg.env.tasks or t in cfg.env.tasks}, slots)
+            if "sim" in phases:
+                record("sim", measure_sim(workers, cfg, requests, sim_seconds, warmup_s))
+            if "lockstep" in phases:
+                record("lockstep", measure_lockstep(rollout.handle, workers, cfg, requests, rounds))
+    finally:
+        kill_workers(workers)
+        if rollout is not None:
+            rollout.shutdown()
+
+
+def random_policy_dir(cfg: RunConfig, policy=None) -> Path:
+    """`policy` (else a random policy of the configured size) saved where the replicas load it from."""
+    return save_policy(policy or build_policy(cfg.policy, seed=cfg.seed), Path(cfg.run_dir) / "bench" / "random_policy")
 
 
 def main() -> None:
@@ -46,48 +169,14 @@ def main() -> None:
         del args[i : i + 2]
     path = args.pop(0) if args and args[0].endswith(".yaml") else "configs/demo.yaml"
     cfg = load_config(path, args + ["logging.tensorboard=false"])
-    run_dir = Path(cfg.run_dir) / "bench"
-    policy_dir = cfg.policy.path or save_policy(build_policy(cfg.policy, seed=cfg.seed), run_dir / "random_policy")
-    init_ray(cfg)
-    rollout = Rollout.start(cfg, str(policy_dir))
-    tasks = sorted(rollout.task_info)
-    n = rollout.pool.num_slots
-    requests = [(tasks[i % len(tasks)], rollout.task_info[tasks[i % len(tasks)]]["train"][i]) for i in range(n)]
-    results = {}
-    try:
-        rollout.pool.run_all([Episode(t, s, cfg.rollout.temperature, False) for t, s in requests[:2]], 600)  # warm-up
-        for mode in ("ours", "lockstep"):
-            before = rollout.handle.stats.remote().result(timeout_s=60)
-            cpu_before = psutil.cpu_times()
-            start = time.perf_counter()
-            if mode == "ours":
-                done = rollout.pool.run_all([Episode(t, s, cfg.rollout.temperature, False) for t, s in requests * rounds], 1800)
-                steps = sum(d.meta.env_steps for d in done)
-            else:
-                per = cfg.cluster.envs_per_worker
-                shards = [requests[i * per:(i + 1) * per] for i in range(len(rollout.pool.workers))]
-                out = []
-                for _ in range(rounds):
-                    out += ray.get([w.run_lockstep.remote(sh, cfg.rollout.temperature) for w, sh in zip(rollout.pool.workers, shards)])
-                steps = sum(o["env_steps"] for o in out)
-            seconds = time.perf_counter() - start
-            cpu_after = psutil.cpu_times()
-            # whole machine, all but idle (Ray's workers run niced: their time counts as `nice`, not `user`)
-            busy = _busy(cpu_after) - _busy(cpu_before)
-            after = rollout.handle.stats.remote().result(timeout_s=60)
-            batches = max(after["batches"] - before["batches"], 1)
-            results[mode] = {"env_steps": steps, "seconds": seconds, "env_steps_per_s": steps / seconds,
-                             "mean_inference_batch": (after["served"] - before["served"]) / batches,
-                             "cpu_ms_per_env_step": 1000 * busy / max(steps, 1),
-                             "cpu_busy_fraction": busy / seconds / psutil.cpu_count()}
-    finally:
-        rollout.shutdown()
-    results["rounds"] = rounds
+    results: dict = {"rounds": rounds}
+    run_phases(cfg, str(cfg.policy.path or random_policy_dir(cfg)), {"ours", "lockstep"}, results.__setitem__, rounds)
     results["ratio_ours_over_lockstep"] = results["ours"]["env_steps_per_s"] / results["lockstep"]["env_steps_per_s"]
     for mode in ("ours", "lockstep"):
         r = results[mode]
+        gpu = f"GPU {r['gpu_util']['mean_pct']:.0f} %  " if r["gpu_util"] else ""
         print(f"{mode:>9}: {r['env_steps_per_s']:7.1f} env steps/s  mean inference batch {r['mean_inference_batch']:5.2f}  "
-              f"CPU {r['cpu_ms_per_env_step']:.2f} ms/env step, "
+              f"{gpu}CPU {r['cpu_ms_per_env_step']:.2f} ms/env step, "
               f"{100 * r['cpu_busy_fraction']:.0f} % busy  ({r['env_steps']} steps in {r['seconds']:.1f}s)")
     print(f"ratio ours / lock-step: {results['ratio_ours_over_lockstep']:.2f}x")
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

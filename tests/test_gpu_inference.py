@@ -79,9 +79,10 @@ def test_only_padded_batches_give_the_lm_a_mask(tiny_policy, tiny_config):
 def test_bench_gpu_runs_on_the_cpu_with_the_tiny_config(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--config", "configs/tiny.yaml",
-                    "--batches", "1,2", "--iters", "2", "--warmup", "1", "--latency-iters", "3", "--out", str(out)],
+                    "--phases", "inference", "--batches", "1,2", "--iters", "2", "--warmup", "1", "--latency-iters", "3",
+                    "--out", str(out)],
                    check=True, cwd=tmp_path, capture_output=True, timeout=600)
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text())["inference"]
     rows = {(r["prompts"], r["batch"]): r for r in result["rows"]}
     assert set(rows) == {("uniform", 1), ("uniform", 2), ("mixed", 1), ("mixed", 2)}
     assert not rows["uniform", 2]["padded"] and rows["mixed", 2]["padded"]

@@ -1,0 +1,51 @@
+"""scripts/bench_gpu.py runs all four phases on the CPU with the tiny config and reports every
+phase's figures; the rollout benchmarks give every env slot a train state however many slots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SLOTS, MAX_STEPS, CHUNK = 2, 16, 8  # 1 worker x 2 envs, episodes of two chunks
+
+
+def test_every_slot_gets_a_train_state_when_slots_outnumber_them():
+    from scripts.bench_rollout import slot_requests
+
+    info = {f"task{t}": {"train": list(range(100, 125))} for t in range(10)}  # LIBERO-Spatial: 10 tasks x 25 states
+    requests = slot_requests(info, 12 * 8 * 4)  # 384 slots: every state of every task once, then round again
+    assert len(requests) == 384 and len(set(requests)) == 250
+    assert all(s in info[t]["train"] for t, s in requests)
+    assert requests[:20] == [(f"task{i % 10}", 100 + i // 10) for i in range(20)]
+
+
+def test_bench_gpu_reports_every_phase_on_the_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--config", "configs/tiny.yaml", "--device", "cpu",
+         "--phases", "sim,inference,ours,lockstep", "--batches", "1", "--prompts", "mixed", "--iters", "1",
+         "--warmup", "0", "--latency-iters", "2", "--sim-seconds", "2", "--warmup-seconds", "0.5", "--rounds", "1",
+         "--out", str(out), f"env.max_steps={MAX_STEPS}", "cluster.num_env_workers=1",
+         f"cluster.envs_per_worker={SLOTS}", f"run_dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["phases"] == ["sim", "inference", "ours", "lockstep"] and result["device"] == "cpu"
+    for phase in ("sim", "ours", "lockstep"):
+        r = result[phase]
+        assert r["env_steps"] > 0 and r["env_steps_per_s"] > 0 and r["cpu_ms_per_env_step"] > 0, (phase, r)
+        assert r["gpu_util"] is None or 0 <= r["gpu_util"]["mean_pct"] <= 100
+    assert result["sim"]["episodes"] >= 1 and result["sim"]["mean_inference_batch"] is None
+    ours, lockstep = result["ours"], result["lockstep"]
+    assert ours["episodes"] == SLOTS and ours["env_steps"] <= SLOTS * MAX_STEPS and ours["mean_inference_batch"] >= 1
+    # lock-step: one forward over every env per step, for every env up to the step limit
+    assert lockstep["mean_inference_batch"] == SLOTS and lockstep["queries"] == SLOTS * MAX_STEPS // CHUNK
+    assert lockstep["env_steps"] <= SLOTS * MAX_STEPS
+    ceiling = result["inference_ceiling"]
+    assert ceiling["env_steps_per_s"] == ceiling["chunks_per_s"] * CHUNK > 0 and ceiling["batch"] == 1
+    assert result["inference"]["rows"][0]["act_chunks_per_s"] == ceiling["chunks_per_s"]
+    for name, t in result["targets"].items():
+        assert t["value"] > 0 and t["met"] == (t["value"] >= t["target"]), name
+    assert "(d) lockstep" in proc.stdout and "target ours_over_lockstep" in proc.stdout
