@@ -37,7 +37,7 @@ mujoco.__version__, 'numpy', numpy.__version__)"
 status=0
 timeout --signal=TERM --kill-after=15 "$LIMIT_S" $PY scripts/bench_gpu.py --config configs/gpu_1x16.yaml \
   --phases sim,inference,ours,lockstep --out "$OUT/bench_gpu.json" \
-  --batches 1,8,32,64 --iters 10 --warmup 2 --latency-iters 30 --cuda-graphs \
+  --batches 1,8,32,64 --iters 10 --warmup 2 --latency-iters 30 \
   --sim-seconds "$SIM_SECONDS" --warmup-seconds 5 --rounds 1 "env.max_steps=$ENV_STEPS" \
   2>&1 | tee "$OUT/bench_gpu.log" || status=$?
 if [ "$status" -ne 0 ]; then
