@@ -47,6 +47,32 @@ def test_a_killed_replica_returns_on_the_current_weights_and_no_step_trains_stal
     assert scalars["policy/version"] == 3 and scalars["rollout/episodes"] >= 8
 
 
+def test_a_hung_env_fails_only_its_own_episode_and_its_siblings_finish_on_new_envs(strict_run):
+    """One env of a worker hangs: its episode times out, the worker rebuilds its envs, and the
+    worker's other episodes, whose sim thread went with the rebuild, start again on the new envs
+    instead of failing (each failure would count against the episode's three attempts)."""
+    from env_workers.worker import EnvTimeout, EnvWorker
+    from services.policy_service import APP_NAME
+
+    cfg, rollout = strict_run
+    envs = 3
+    worker = EnvWorker.options(max_concurrency=envs + 4).remote(
+        cfg.env.model_copy(update={"step_timeout_s": 2.0}), envs, APP_NAME)
+    try:
+        ray.get(worker.inject_hang.remote(8.0), timeout=60)  # slot 0's next env call: the first episode's reset
+        refs = [worker.run_episode.remote("red_in_bowl", i, 1.6, False)[0] for i in range(envs)]
+        outcomes = []
+        for ref in refs:
+            try:
+                outcomes.append(ray.get(ref, timeout=180).init_state)
+            except EnvTimeout:
+                outcomes.append("timeout")
+        assert outcomes == ["timeout", 1, 2], outcomes
+        assert ray.get(worker.run_episode.remote("red_in_bowl", 0, 1.6, False)[0], timeout=180).init_state == 0
+    finally:
+        ray.kill(worker)
+
+
 def test_a_replica_that_cannot_start_ends_the_error_with_its_own_exception(ray_cluster, tiny_policy_dir, tmp_path):
     from services.policy_service import APP_NAME, start_policy_service
 
