@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 def test_chaos_kills_and_a_hang_lose_no_trajectory_and_train_nothing_stale(ray_cluster, tiny_policy_dir, tmp_path):
     """A short strict GRPO run while two env workers and the replica are SIGKILLed at seeded random
-    moments and one env hangs past its deadline: the run finishes, every finished episode is
+    moments of its progress and one env hangs past its deadline: the run finishes, every finished episode is
     accounted for once (trained, filtered, stale or still held), and no step trains on stale weights."""
     import random
     import threading
@@ -31,10 +31,16 @@ def test_chaos_kills_and_a_hang_lose_no_trajectory_and_train_nothing_stale(ray_c
     pool, rng, done = rollout.pool, random.Random(0), threading.Event()
     faults: list[str] = []
 
+    trained = cfg.total_steps * cfg.rollout.groups_per_batch * cfg.rollout.group_size
+    # seeded random moments of the run's progress (finished episodes), not of the clock: a fast machine
+    # finishes the run in seconds, a loaded one in a minute
+    moments = sorted(rng.sample(range(2, trained - 8, 4), 4))
+
     def inject():
-        for fault in rng.sample(["worker", "worker", "replica", "hang"], 4):
-            if done.wait(rng.uniform(2.0, 6.0)):
-                return
+        for fault, moment in zip(rng.sample(["worker", "worker", "replica", "hang"], 4), moments):
+            while trainer.coordinator.ledger.finished < moment:
+                if done.wait(0.02):
+                    return
             if fault == "worker":
                 index = len([f for f in faults if f == "worker"]) % len(pool.workers)
                 os.kill(ray.get(pool.workers[index].pid.remote(), timeout=30), signal.SIGKILL)
@@ -61,7 +67,7 @@ def test_chaos_kills_and_a_hang_lose_no_trajectory_and_train_nothing_stale(ray_c
           f"re-run {pool.rerun}, workers replaced {pool.replaced}")
     assert sorted(faults) == ["hang", "replica", "worker", "worker"], "the run ended before every fault"
     assert trainer.step == cfg.total_steps and versions == [cfg.total_steps] * cfg.cluster.serve_replicas
-    assert ledger.trained == cfg.total_steps * cfg.rollout.groups_per_batch * cfg.rollout.group_size
+    assert ledger.trained == trained
     assert ledger.finished == ledger.trained + ledger.filtered + ledger.stale + ledger.discarded + held
     assert all(h["rollout/policy_lag"] == 0.0 for h in trainer.history)
     assert pool.replaced >= 2 and pool.rerun >= 1
