@@ -118,6 +118,10 @@ class EnvWorker:
 
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (placement checks)."""
+        return ray.get_runtime_context().get_node_id()
+
     def task_info(self) -> dict:
         env = self.slots[0].env
         return {t: {"instruction": env.instruction(t), "train": env.init_states(t, "train"), "eval": env.init_states(t, "eval")}
