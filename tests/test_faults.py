@@ -60,7 +60,7 @@ def test_a_hung_env_fails_only_its_own_episode_and_its_siblings_finish_on_new_en
     worker = EnvWorker.options(max_concurrency=envs + 4).remote(
         cfg.env.model_copy(update={"step_timeout_s": 2.0}), envs, APP_NAME)
     try:
-        ray.get(worker.inject_hang.remote(8.0), timeout=60)  # slot 0's next env call: the first episode's reset
+        ray.get(worker.inject_hang.remote(8.0), timeout=60)  # slot 0's next env call: one episode's reset
         refs = [worker.run_episode.remote("red_in_bowl", i, 1.6, False)[0] for i in range(envs)]
         outcomes = []
         for ref in refs:
@@ -68,7 +68,9 @@ def test_a_hung_env_fails_only_its_own_episode_and_its_siblings_finish_on_new_en
                 outcomes.append(ray.get(ref, timeout=180).init_state)
             except EnvTimeout:
                 outcomes.append("timeout")
-        assert outcomes == ["timeout", 1, 2], outcomes
+        # whichever episode took the hanging env (calls to an async actor need not start in order)
+        assert outcomes.count("timeout") == 1 and sorted(o for o in outcomes if o != "timeout") == \
+            [i for i in range(envs) if outcomes[i] != "timeout"], outcomes
         assert ray.get(worker.run_episode.remote("red_in_bowl", 0, 1.6, False)[0], timeout=180).init_state == 0
     finally:
         ray.kill(worker)
