@@ -3,6 +3,9 @@ ones, and replace dead workers, re-running their in-flight episodes elsewhere.
 
 The driver calls `run_episode.remote`, so it OWNS every episode's result refs: a worker that
 dies loses only the episodes it was running, which are re-submitted with the same request.
+A trajectory's bytes, though, live in the object store of the node that ran the episode; an
+episode counts as finished only once a copy is on the driver's node, so a sim node that goes
+away takes only its unfinished episodes with it (Ray pins the surviving copy in its place).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class EnvWorkerPool:
         self.max_attempts = max_attempts
         self.workers = [self._spawn() for _ in range(cluster_cfg.num_env_workers)]
         self._wait_ready(READY_TIMEOUT_S)
+        # trajectory ref -> (request, meta ref, worker index, the worker that runs it)
         self.pending: dict[ray.ObjectRef, tuple[Episode, ray.ObjectRef, int, object]] = {}
         self.load = [0] * len(self.workers)
         self.rerun = 0
@@ -69,7 +73,9 @@ class EnvWorkerPool:
         ray.get(ready, timeout=30)  # surface a worker that failed to start with its own error
 
     def _spawn(self):
-        opts = {"num_cpus": self.cluster_cfg.env_worker_cpus, "max_concurrency": self.cluster_cfg.envs_per_worker + 4}
+        # SPREAD: over every node that may host sim, so losing one node loses only its share
+        opts = {"num_cpus": self.cluster_cfg.env_worker_cpus, "max_concurrency": self.cluster_cfg.envs_per_worker + 4,
+                "scheduling_strategy": "SPREAD"}
         if "sim" in self.cluster_cfg.resources:
             opts["resources"] = {self.cluster_cfg.resources["sim"]: 0.001}
         return EnvWorker.options(**opts).remote(self.env_cfg, self.cluster_cfg.envs_per_worker, self.app_name,
@@ -87,28 +93,34 @@ class EnvWorkerPool:
         meta_ref, traj_ref = self.workers[index].run_episode.remote(ep.task, ep.init_state, ep.temperature, ep.greedy, ep.record_video)
         ep.attempts += 1
         self.load[index] += 1
-        self.pending[meta_ref] = (ep, traj_ref, index, self.workers[index])
+        self.pending[traj_ref] = (ep, meta_ref, index, self.workers[index])
 
     def poll(self, timeout_s: float) -> list[FinishedEpisode]:
-        """Finished episodes; failed ones are re-submitted."""
+        """Finished episodes, each with its trajectory copied to this node; failed ones are re-submitted."""
         if not self.pending:
             return []
         ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s, fetch_local=True)
         done = []
-        for meta_ref in ready:
-            ep, traj_ref, index, worker = self.pending.pop(meta_ref)
+        for traj_ref in ready:
+            ep, meta_ref, index, worker = self.pending.pop(traj_ref)
+            current = self.workers[index] is worker  # not replaced since this episode was submitted
             try:
                 meta = ray.get(meta_ref, timeout=30)
+                # the copy is local now (cheap to read), unless its node went away before the copy
+                # was made: then this raises ObjectLostError and the episode runs again
+                ray.get(traj_ref, timeout=30)
             except (RayActorError, ActorDiedError, ActorUnavailableError):
-                if self.workers[index] is worker:  # first failure seen from this worker: replace it once
+                if current:  # first failure seen from this worker: replace it once
                     self._replace(index)
                 self._retry(ep)
                 continue
             except Exception:
-                self.load[index] -= 1
+                if current:
+                    self.load[index] -= 1
                 self._retry(ep)  # env timeout or env error: the slot was rebuilt; run it again
                 continue
-            self.load[index] -= 1
+            if current:
+                self.load[index] -= 1
             done.append(FinishedEpisode(ep, meta, traj_ref))
         return done
 

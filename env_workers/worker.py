@@ -118,6 +118,10 @@ class EnvWorker:
 
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (placement checks)."""
+        return ray.get_runtime_context().get_node_id()
+
     def task_info(self) -> dict:
         env = self.slots[0].env
         return {t: {"instruction": env.instruction(t), "train": env.init_states(t, "train"), "eval": env.init_states(t, "eval")}
@@ -139,20 +143,24 @@ class EnvWorker:
     async def run_episode(self, task: str, init_state: int, temperature: float, greedy: bool, record_video: bool = False):
         """-> (EpisodeMeta, Trajectory). Two returns so the caller can read `meta` (tiny) without
         pulling the images of the trajectory."""
-        self._lazy_init()
-        free = self.free
-        slot = await free.get()
-        self.batcher.episode_started()
-        try:
-            return await self._episode(slot, task, init_state, temperature, greedy, record_video)
-        except EnvTimeout:
-            if free is self.free:  # first timeout seen: abandon the stuck thread, rebuild every env
-                self.executor.shutdown(wait=False, cancel_futures=True)
-                self._build_slots()
-            raise
-        finally:
-            self.batcher.episode_ended()
-            free.put_nowait(slot)
+        while True:
+            self._lazy_init()
+            free = self.free
+            slot = await free.get()
+            self.batcher.episode_started()
+            try:
+                return await self._episode(slot, task, init_state, temperature, greedy, record_video)
+            except (EnvTimeout, RuntimeError, asyncio.CancelledError) as err:
+                if free is self.free:
+                    if isinstance(err, EnvTimeout):  # first timeout seen: abandon the stuck thread, rebuild every env
+                        self.executor.shutdown(wait=False, cancel_futures=True)
+                        self._build_slots()
+                    raise
+                # another env of this worker hung (its envs share one sim thread) and the envs were rebuilt
+                # under this episode: no fault of its own, so it starts again on a new env, not as a failed attempt
+            finally:
+                self.batcher.episode_ended()
+                free.put_nowait(slot)
 
     async def _episode(self, slot: EnvSlot, task, init_state, temperature, greedy, record_video):
         start = time.perf_counter()

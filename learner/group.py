@@ -44,6 +44,10 @@ class LearnerWorker:
         """The rank's process id (fault drills)."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this rank runs on (placement checks)."""
+        return ray.get_runtime_context().get_node_id()
+
     def _load(self, master_addr: str, master_port: int, policy_path: str, seed: int) -> None:
         from learner.engine import init_distributed
         from policy.checkpoint import actor_device, load_policy

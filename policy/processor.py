@@ -39,9 +39,11 @@ def center_crop(images: torch.Tensor, area: float, size: int) -> torch.Tensor:
     saturated, truncated)."""
     f32, device = torch.float32, images.device
     x = images.to(f32) * torch.tensor(1.0 / 255.0, dtype=f32, device=device)
-    side = torch.sqrt(torch.tensor(area, dtype=f32)).clamp(0.0, 1.0)  # the box: on the CPU, as scalars
-    lo = (1.0 - side) / 2.0
-    hi = lo + side
+    # the box on the CPU, in float32 with IEEE-exact sqrt (numpy's): torch's CPU sqrt can be one ulp
+    # off on some processors, which moves every sample position and flips pixels across a level
+    side = np.clip(np.sqrt(np.float32(area)), np.float32(0), np.float32(1))
+    lo = torch.tensor((np.float32(1) - side) / np.float32(2), dtype=f32)
+    hi = lo + torch.tensor(side, dtype=f32)
     rows, top, bottom = (t.to(device) for t in _sample_points(lo, hi, x.shape[-2], size))
     cols, left, right = (t.to(device) for t in _sample_points(lo, hi, x.shape[-1], size))
     y_lerp = (rows - top.to(f32)).view(1, 1, size, 1)

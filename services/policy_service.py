@@ -103,6 +103,10 @@ class PolicyDeployment:
         """The replica's process id (fault drills)."""
         return os.getpid()
 
+    async def node_id(self) -> str:
+        """The Ray node this replica runs on (placement checks)."""
+        return ray.get_runtime_context().get_node_id()
+
     async def weights_checksum(self) -> float:
         return float(sum(p.double().sum() for p in self.policy.model.state_dict().values()))
 

@@ -11,6 +11,7 @@ The store holds a reference to the state dict in the object store (no copy of th
 from __future__ import annotations
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 NAMESPACE = "vla-grpo"
 
@@ -34,9 +35,12 @@ class WeightStore:
 
 
 def start_weight_store(app_name: str):
-    """The run's store (a named actor; an earlier run's on this cluster is reused and overwritten)."""
+    """The run's store (a named actor; an earlier run's on this cluster is reused and overwritten).
+    It lives on the driver's node: it must outlive any sim or inference node that goes away, and
+    the run ends with the driver anyway."""
+    on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return WeightStore.options(name=store_name(app_name), namespace=NAMESPACE, get_if_exists=True,
-                               lifetime=None).remote()
+                               lifetime=None, scheduling_strategy=on_driver_node).remote()
 
 
 def current_weights(app_name: str, timeout_s: float = 60.0) -> tuple[int | None, object]:

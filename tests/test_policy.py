@@ -1,6 +1,5 @@
 """The tiny OpenVLA-OFT-style policy: parallel decoding, sampling, log-probs, save/load."""
 
-import time
 
 import numpy as np
 import pytest
@@ -137,17 +136,6 @@ def test_fused_two_tower_backbone_stacks_six_channels(tiny_config):
     assert pixels.shape[1] == 6
     assert pol.model.projector.fused and hasattr(pol.model.projector, "fc3")
     assert pol.model.action_logits(pixels, ids, lengths).shape == (2, 56, 256)
-
-
-def test_forward_and_backward_take_well_under_a_second(tiny_policy):
-    obs = _obs(8)
-    images, instructions = [o.image for o in obs], [o.instruction for o in obs]
-    tokens = torch.full((8, 56), 31800)
-    tiny_policy.token_log_probs(images, instructions, tokens, 1.6)[0].sum().backward()  # warm-up
-    start = time.perf_counter()
-    tiny_policy.token_log_probs(images, instructions, tokens, 1.6)[0].sum().backward()
-    assert time.perf_counter() - start < 0.5
-    tiny_policy.model.zero_grad()
 
 
 def test_proprio_token_is_read_when_enabled(tiny_config, tmp_path):
