@@ -1,26 +1,22 @@
 """Bad configs fail through the real CLI before any Ray process starts: non-zero exit within 10 s, a
-message that names the field, and no new raylet or GCS process on the machine."""
+message that names the field, and no Ray session: the CLI runs with a Ray temp dir of its own, where
+any ray.init would create its session folder (machine-wide process counts would also see other
+clusters' daemons)."""
 
+import os
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from tests.conftest import ROOT
 
-RAY_DAEMONS = ("raylet", "gcs_server")
 
-
-def _ray_daemons() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in RAY_DAEMONS}
-
-
-def _cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+def _cli(ray_tmp, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
     return out, time.monotonic() - start
 
 
@@ -45,15 +41,16 @@ def _cases(policy: str, tmp: str) -> list[tuple[list[str], list[str]]]:
 
 
 def test_each_bad_config_fails_fast_naming_the_field_and_starts_no_ray(tiny_policy_dir, tmp_path):
-    before = _ray_daemons()
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
     for args, expected in _cases(str(tiny_policy_dir), str(tmp_path)):
-        out, seconds = _cli(*args)
+        out, seconds = _cli(ray_tmp, *args)
         message = out.stderr.strip().splitlines()
         assert out.returncode != 0, (args, out.stdout[-2000:])
         assert seconds < 10, (args, seconds)
         assert message and all(text in message[-1] for text in expected), (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr, (args, out.stderr[-2000:])
-    assert _ray_daemons() <= before, "a bad config started Ray"
+        assert not any(ray_tmp.rglob("session_*")), (args, "a bad config started Ray")
 
 
 def test_a_good_config_passes_preflight(tiny_policy_dir, tmp_path):
