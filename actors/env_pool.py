@@ -72,8 +72,10 @@ class EnvWorkerPool:
         opts = {"num_cpus": self.cluster_cfg.env_worker_cpus, "max_concurrency": self.cluster_cfg.envs_per_worker + 4}
         if "sim" in self.cluster_cfg.resources:
             opts["resources"] = {self.cluster_cfg.resources["sim"]: 0.001}
-        return EnvWorker.options(**opts).remote(self.env_cfg, self.cluster_cfg.envs_per_worker, self.app_name,
-                                                batch_max_wait_s=self.cluster_cfg.worker_batch_wait_ms / 1000.0)
+        c = self.cluster_cfg
+        return EnvWorker.options(**opts).remote(self.env_cfg, c.envs_per_worker, self.app_name,
+                                                batch_max_wait_s=c.worker_batch_wait_ms / 1000.0,
+                                                request_groups=c.request_groups_per_worker)
 
     @property
     def num_slots(self) -> int:
@@ -90,10 +92,13 @@ class EnvWorkerPool:
         self.pending[meta_ref] = (ep, traj_ref, index, self.workers[index])
 
     def poll(self, timeout_s: float) -> list[FinishedEpisode]:
-        """Finished episodes; failed ones are re-submitted."""
+        """The episodes finished by now, as soon as there is one (at most `timeout_s` of waiting), so
+        the caller can launch the next ones while the slots are still busy; failed ones are re-submitted."""
         if not self.pending:
             return []
-        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s, fetch_local=True)
+        ready, rest = ray.wait(list(self.pending), num_returns=1, timeout=timeout_s)
+        if ready and rest:  # and every other one that has finished meanwhile, without waiting
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         done = []
         for meta_ref in ready:
             ep, traj_ref, index, worker = self.pending.pop(meta_ref)
