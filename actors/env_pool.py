@@ -78,8 +78,10 @@ class EnvWorkerPool:
                 "scheduling_strategy": "SPREAD"}
         if "sim" in self.cluster_cfg.resources:
             opts["resources"] = {self.cluster_cfg.resources["sim"]: 0.001}
-        return EnvWorker.options(**opts).remote(self.env_cfg, self.cluster_cfg.envs_per_worker, self.app_name,
-                                                batch_max_wait_s=self.cluster_cfg.worker_batch_wait_ms / 1000.0)
+        c = self.cluster_cfg
+        return EnvWorker.options(**opts).remote(self.env_cfg, c.envs_per_worker, self.app_name,
+                                                batch_max_wait_s=c.worker_batch_wait_ms / 1000.0,
+                                                request_groups=c.request_groups_per_worker)
 
     @property
     def num_slots(self) -> int:
@@ -96,10 +98,14 @@ class EnvWorkerPool:
         self.pending[traj_ref] = (ep, meta_ref, index, self.workers[index])
 
     def poll(self, timeout_s: float) -> list[FinishedEpisode]:
-        """Finished episodes, each with its trajectory copied to this node; failed ones are re-submitted."""
+        """The episodes finished by now, each with its trajectory copied to this node, as soon as there is
+        one (at most `timeout_s` of waiting), so the caller can launch the next ones while the slots are
+        still busy; failed ones are re-submitted."""
         if not self.pending:
             return []
-        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s, fetch_local=True)
+        ready, rest = ray.wait(list(self.pending), num_returns=1, timeout=timeout_s)
+        if ready and rest:  # and every other one that has finished meanwhile, without waiting
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         done = []
         for traj_ref in ready:
             ep, meta_ref, index, worker = self.pending.pop(traj_ref)

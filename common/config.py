@@ -240,8 +240,17 @@ class ClusterConfig(Section):
         5.0, ge=0, description="how long a replica waits to fill a batch; longer = bigger batches, more latency"
     )
     worker_batch_wait_ms: float = Field(
-        50.0, ge=0, description="longest an env worker holds a waiting env's observation for its other envs' "
-        "(it sends as soon as every env in an episode waits); one policy request per worker round"
+        500.0, ge=0, description="an env worker sends its waiting envs' observations as soon as every busy env "
+        "waits (one policy request per worker round), or once this long passed with no other env joining them "
+        "(one env is slow, e.g. a reset that builds a scene). Keep it above one env's chunk of steps (LIBERO: "
+        "a few hundred ms): firing early splits rounds into more requests, firing late costs at most one "
+        "inference latency per slow env, since the sim thread is busy with that env meanwhile"
+    )
+    worker_request_groups: int | None = Field(
+        None, ge=1, description="policy requests per env-worker round: with 2, a request leaves once half of the "
+        "worker's busy envs wait, and the sim thread steps the other half while it is answered (simulation overlaps "
+        "inference, for one more Serve request a round, ~7 CPU-ms). None: 2 where the replicas have GPUs "
+        "(replica_gpus > 0), else 1 (inference on the CPU competes with the sims, so the overlap gains nothing)"
     )
     learner_cpus: float = Field(1.0, ge=0)
     learner_gpus: float = Field(0.0, ge=0)
@@ -249,6 +258,13 @@ class ClusterConfig(Section):
     resources: dict[Literal["sim", "inference", "learner"], str] = Field(
         default_factory=dict, description="role -> custom Ray resource name that pins it to a node group"
     )
+
+    @property
+    def request_groups_per_worker(self) -> int:
+        """`worker_request_groups`, or its default for where inference runs."""
+        if self.worker_request_groups is not None:
+            return self.worker_request_groups
+        return 2 if self.replica_gpus > 0 else 1
 
 
 class LoggingConfig(Section):

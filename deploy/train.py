@@ -135,6 +135,8 @@ class GRPOTrainer:
         futures = self.learner.grpo_step_async(batch.refs, batch.advantages, batch.order, lr)
         while not self.strict and ray.wait(futures, num_returns=len(futures), timeout=0)[1]:
             self.coordinator.pump(c.groups_per_batch, timeout_s=0.05)
+            if not self.coordinator.open_groups:
+                break  # none in flight and none to launch before a batch is taken: pumping would only spin
         stats = ray.get(futures, timeout=c.rollout_timeout_s)[0]
         self.step += 1
         self.version += 1

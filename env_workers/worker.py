@@ -1,10 +1,11 @@
 """EnvWorker: a Ray actor hosting several envs of any backend.
 
-Each `run_episode` call takes a free env slot, loops observation -> policy service -> action
-chunk -> env steps until the episode ends, and gives the slot back at once, so a finished env
-never waits for the others (no lock-step padding to the step limit, no inference for finished
-envs). Concurrency = number of slots; further calls queue on the actor. The observations of the
-worker's envs that wait for actions go to the policy service in one request (action_batcher.py).
+Each `run_episode` call takes an env slot (env_workers/slot_pool.py), loops observation -> policy
+service -> action chunk -> env steps until the episode ends, and gives the slot back at once, so a
+finished env never waits for the others (no lock-step padding to the step limit, no inference for
+finished envs). Concurrency = number of slots; further calls queue on the actor, and a finished
+episode hands its slot straight to the next. The observations of the worker's envs that wait for
+actions go to the policy service in one request (action_batcher.py).
 
 Every env call runs on the worker's one sim thread under a deadline: GL contexts are bound to the
 thread that made them, and software GL (llvmpipe) crashes when several threads of one process
@@ -25,6 +26,7 @@ import ray
 from common.config import EnvConfig
 from common.records import ChunkResult, EpisodeMeta, Trajectory
 from env_workers.action_batcher import ActionBatcher
+from env_workers.slot_pool import SlotPool
 from policy.action_tokenizer import postprocess_gripper
 
 GRIPPER = {"tabletop": dict(binarize=True, invert=False), "maniskill": dict(binarize=False, invert=False)}
@@ -49,12 +51,26 @@ def _after_sleep(fn, seconds: float, *args):
     return fn(*args)
 
 
+class HangDrill:
+    """Fault drill (EnvWorker.inject_hang): the worker's next env call, whichever env makes it,
+    blocks its sim thread first."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        if not self.seconds:
+            return fn
+        fn, self.seconds = functools.partial(_after_sleep, fn, self.seconds), 0.0
+        return fn
+
+
 class EnvSlot:
-    def __init__(self, env_cfg: EnvConfig, executor: ThreadPoolExecutor):
+    def __init__(self, env_cfg: EnvConfig, executor: ThreadPoolExecutor, drill: HangDrill):
         self.env_cfg = env_cfg
         self.executor = executor
         self.env = self.executor.submit(self._make).result()
-        self.hang_s = 0.0
+        self.drill = drill
 
     def _make(self):
         from env_workers.factory import make_env
@@ -64,9 +80,7 @@ class EnvSlot:
     async def call(self, fn_name: str, *args, steps: int = 1):
         """env.<fn_name>(*args) on the sim thread, with a deadline of env.step_timeout_s per env step."""
         loop = asyncio.get_running_loop()
-        fn = getattr(self.env, fn_name)
-        if self.hang_s:  # a fault drill (EnvWorker.inject_hang): this call blocks its sim thread first
-            fn, self.hang_s = functools.partial(_after_sleep, fn, self.hang_s), 0.0
+        fn = self.drill.wrap(getattr(self.env, fn_name))
         fut = loop.run_in_executor(self.executor, fn, *args)
         deadline = self.env_cfg.step_timeout_s * steps
         try:
@@ -89,26 +103,26 @@ class EnvSlot:
 @ray.remote
 class EnvWorker:
     def __init__(self, env_cfg: EnvConfig, num_envs: int, app_name: str, policy_timeout_s: float = 60.0,
-                 batch_max_wait_s: float = 0.05):
+                 batch_max_wait_s: float = 0.5, request_groups: int = 1):
         import torch
 
         torch.set_num_threads(1)
         self.env_cfg = env_cfg
         self.app_name = app_name
         self.policy_timeout_s = policy_timeout_s
-        # one for the worker's life: it counts episodes across slot rebuilds; it needs no event loop
-        # until the first episode, and sends through self.handle, set by then
-        self.batcher = ActionBatcher(self._send, batch_max_wait_s, policy_timeout_s)
+        # one for the worker's life: it counts busy envs across slot rebuilds; it needs no event loop
+        # until the first episode, and sends through self.act_many, set by then
+        self.batcher = ActionBatcher(self._send, batch_max_wait_s, policy_timeout_s, request_groups)
         self.num_envs = num_envs
+        self.drill = HangDrill()
         self._build_slots()
-        self.free: asyncio.Queue | None = None
-        self.handle = None
+        self.act_many = None  # the policy service's act_many (a Serve handle)
         self.env_steps = 0
 
     def _build_slots(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim")
-        self.slots = [EnvSlot(self.env_cfg, self.executor) for _ in range(self.num_envs)]
-        self.free = None  # refilled lazily from the new slots
+        self.slots = [EnvSlot(self.env_cfg, self.executor, self.drill) for _ in range(self.num_envs)]
+        self.pool = SlotPool(self.slots, on_busy=self.batcher.env_busy, on_idle=self.batcher.env_idle)
 
     def ready(self) -> bool:
         return True
@@ -128,16 +142,14 @@ class EnvWorker:
                 for t in env.task_names}
 
     def _lazy_init(self):
-        if self.free is None:
+        if self.act_many is None:
             from ray import serve
 
-            self.free = asyncio.Queue()
-            for slot in self.slots:
-                self.free.put_nowait(slot)
-            self.handle = serve.get_deployment_handle("Policy", app_name=self.app_name)
+            # bound once: `handle.act_many` builds a new method handle on every attribute access
+            self.act_many = serve.get_deployment_handle("Policy", app_name=self.app_name).act_many
 
     async def _send(self, observations, temperature: float, greedy: bool):
-        return await self.handle.act_many.remote(observations, temperature, greedy)
+        return await self.act_many.remote(observations, temperature, greedy)
 
     @ray.method(num_returns=2)
     async def run_episode(self, task: str, init_state: int, temperature: float, greedy: bool, record_video: bool = False):
@@ -145,13 +157,12 @@ class EnvWorker:
         pulling the images of the trajectory."""
         while True:
             self._lazy_init()
-            free = self.free
-            slot = await free.get()
-            self.batcher.episode_started()
+            pool = self.pool
+            slot = await pool.acquire(task)
             try:
                 return await self._episode(slot, task, init_state, temperature, greedy, record_video)
             except (EnvTimeout, RuntimeError, asyncio.CancelledError) as err:
-                if free is self.free:
+                if pool is self.pool:
                     if isinstance(err, EnvTimeout):  # first timeout seen: abandon the stuck thread, rebuild every env
                         self.executor.shutdown(wait=False, cancel_futures=True)
                         self._build_slots()
@@ -159,8 +170,7 @@ class EnvWorker:
                 # another env of this worker hung (its envs share one sim thread) and the envs were rebuilt
                 # under this episode: no fault of its own, so it starts again on a new env, not as a failed attempt
             finally:
-                self.batcher.episode_ended()
-                free.put_nowait(slot)
+                pool.release(slot)
 
     async def _episode(self, slot: EnvSlot, task, init_state, temperature, greedy, record_video):
         start = time.perf_counter()
@@ -197,7 +207,8 @@ class EnvWorker:
         """Baseline for benchmarks: the original's lock-step rollout. All envs step together and
         keep querying the policy until the step limit, even after their episode ended."""
         self._lazy_init()
-        slots = [await self.free.get() for _ in requests]
+        pool = self.pool
+        slots = [await pool.acquire(t) for t, _ in requests]
         try:
             obs = [await s.call("reset", t, i) for s, (t, i) in zip(slots, requests)]
             done, useful, queries, offered = [False] * len(slots), 0, 0, 0
@@ -216,15 +227,15 @@ class EnvWorker:
             return {"env_steps": useful, "queries": queries}
         finally:
             for s in slots:
-                self.free.put_nowait(s)
+                pool.release(s)
 
     def total_env_steps(self) -> int:
         return self.env_steps
 
     def inject_hang(self, seconds: float) -> None:
-        """Fault drill: the next env call of one env blocks its sim thread for `seconds` (past
+        """Fault drill: the worker's next env call blocks its sim thread for `seconds` (past
         env.step_timeout_s, it times out: the slots are rebuilt and the episode re-runs)."""
-        self.slots[0].hang_s = seconds
+        self.drill.seconds = seconds
 
     def close(self):
         for slot in self.slots:

@@ -176,6 +176,22 @@ def test_trajectories_are_compact_and_freed_slots_do_not_pad(pipeline):
         assert traj.num_chunks == -(-meta.env_steps // 8), "policy queried after the episode ended"
 
 
+def test_poll_returns_a_finished_episode_without_waiting_for_the_others(pipeline):
+    """The driver learns of each episode as it finishes (and can launch the next), not once per
+    batch of them."""
+    _, rollout = pipeline
+    pool = rollout.pool
+    ray.get(pool.workers[1].inject_hang.remote(8.0), timeout=30)  # its next env call blocks 8 s (< the deadline)
+    for state in range(2):  # one episode per worker: the least loaded takes the next
+        pool.submit(Episode("red_in_bowl", state, 1.6, False))
+    start = time.monotonic()
+    first = pool.poll(60)
+    seconds = time.monotonic() - start
+    rest = pool.run_all([], timeout_s=120)
+    assert len(first) == 1 and seconds < 6, (len(first), seconds)
+    assert sorted(d.request.init_state for d in first + rest) == [0, 1]
+
+
 def test_video_frames_and_the_lockstep_baseline_step_whole_chunks(pipeline):
     cfg, rollout = pipeline
     worker = rollout.pool.workers[0]
