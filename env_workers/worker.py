@@ -66,11 +66,11 @@ class HangDrill:
 
 
 class EnvSlot:
-    def __init__(self, env_cfg: EnvConfig, executor: ThreadPoolExecutor, drill: HangDrill):
+    def __init__(self, env_cfg: EnvConfig, executor: ThreadPoolExecutor, drill: HangDrill | None = None):
         self.env_cfg = env_cfg
         self.executor = executor
         self.env = self.executor.submit(self._make).result()
-        self.drill = drill
+        self.drill = drill or HangDrill()  # a worker's envs share its drill; alone (SimWorker), one that never fires
 
     def _make(self):
         from env_workers.factory import make_env

@@ -74,7 +74,9 @@ def measure_ours(rollout: Rollout, cfg: RunConfig, requests: list, rounds: int) 
     def episodes(pairs):
         return [Episode(t, s, cfg.rollout.temperature, False) for t, s in pairs]
 
-    rollout.pool.run_all(episodes(requests[:len(rollout.pool.workers)]), TIMEOUT_S)  # warm-up, one per worker
+    # warm-up: one episode per slot, so that every env has built its task's scene (LIBERO: a whole robosuite
+    # env, seconds) before the timed rounds, as the sim and lock-step phases' envs have
+    rollout.pool.run_all(episodes(requests), TIMEOUT_S)
     before = replica_stats(rollout.handle)
     with PhaseMeter() as meter:
         done = rollout.pool.run_all(episodes(requests * rounds), TIMEOUT_S)

@@ -14,6 +14,8 @@ OUT=${OUT:-runs/gpu_checks}
 ENV_STEPS=${ENV_STEPS:-256}
 SIM_SECONDS=${SIM_SECONDS:-20}
 LIMIT_S=${LIMIT_S:-450}  # the benchmark is stopped here (its JSON keeps the phases done): the script ends inside 9 minutes
+PHASES=${PHASES:-sim,inference,ours,lockstep}
+# EXTRA: more key=value overrides for a variant run, e.g. EXTRA="policy.compile=true cluster.worker_request_groups=1"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
@@ -36,9 +38,9 @@ mujoco.__version__, 'numpy', numpy.__version__)"
 
 status=0
 timeout --signal=TERM --kill-after=15 "$LIMIT_S" $PY scripts/bench_gpu.py --config configs/gpu_1x16.yaml \
-  --phases sim,inference,ours,lockstep --out "$OUT/bench_gpu.json" \
+  --phases "$PHASES" --out "$OUT/bench_gpu.json" \
   --batches 1,8,32,64 --iters 10 --warmup 2 --latency-iters 30 \
-  --sim-seconds "$SIM_SECONDS" --warmup-seconds 5 --rounds 1 "env.max_steps=$ENV_STEPS" \
+  --sim-seconds "$SIM_SECONDS" --warmup-seconds 5 --rounds 1 "env.max_steps=$ENV_STEPS" ${EXTRA:-} \
   2>&1 | tee "$OUT/bench_gpu.log" || status=$?
 if [ "$status" -ne 0 ]; then
   echo "bench_gpu.py failed (exit $status); Ray's logs in $OUT/ray_logs.tar.gz" | tee -a "$OUT/bench_gpu.log"

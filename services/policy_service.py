@@ -40,6 +40,8 @@ class PolicyDeployment:
         self.policy = load_policy(policy_path, unnorm_key=cfg.unnorm_key, dtype=cfg.dtype, policy=cfg,
                                   device=actor_device(cfg))
         self.policy.model.eval()
+        if cfg.compile:  # compiles lazily, once per batch shape, on the first requests
+            self.policy.model.compile_blocks()
         self.version = version
         # a replica that (re)starts after the run published weights serves those, not its initial ones
         current, state_ref = current_weights(APP_NAME)
