@@ -30,7 +30,7 @@ def preflight(cfg: RunConfig, command: str) -> None:
     check_policy(cfg, command)
     check_tasks(cfg)
     if cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS"):
-        check_local_resources(cfg)
+        check_local_resources(cfg, learner=command not in ("eval", "serve"))
     if command in ("train", "eval", "sft", "demo"):
         check_run_dir(Path(cfg.run_dir))
     if command == "train" and cfg.checkpoint.resume:
@@ -107,18 +107,20 @@ def check_tasks(cfg: RunConfig) -> None:
         raise PreflightError(f"env.task_max_steps: {limits} not in the {cfg.env.suite} suite; its tasks: {names}")
 
 
-def check_local_resources(cfg: RunConfig) -> None:
-    """A local cluster gets this machine's CPUs (deploy/runtime.py: init_ray) and GPUs."""
+def check_local_resources(cfg: RunConfig, learner: bool = True) -> None:
+    """A local cluster gets this machine's CPUs (deploy/runtime.py: init_ray) and GPUs; the roles
+    started are the env workers, the replicas and, with `learner`, the learner ranks."""
     c = cfg.cluster
     cpus = max(os.cpu_count() or 2, 2)
-    need = (c.num_env_workers * c.env_worker_cpus + c.serve_replicas * c.replica_cpus
-            + c.learner_world_size * c.learner_cpus)
+    ranks = c.learner_world_size if learner else 0
+    need = c.num_env_workers * c.env_worker_cpus + c.serve_replicas * c.replica_cpus + ranks * c.learner_cpus
     if need > cpus:
         raise PreflightError(
             f"cluster: the roles ask for {need:g} CPUs (num_env_workers x env_worker_cpus + serve_replicas x "
-            f"replica_cpus + learner_world_size x learner_cpus) but this machine has {cpus}; lower those fields "
-            "(0 lets roles share cores, as configs/demo.yaml does) or give cluster.address of a larger cluster")
-    gpus = c.serve_replicas * c.replica_gpus + c.learner_world_size * c.learner_gpus
+            f"replica_cpus{' + learner_world_size x learner_cpus' if learner else ''}) but this machine has "
+            f"{cpus}; lower those fields (0 lets roles share cores, as configs/demo.yaml does) or give "
+            "cluster.address of a larger cluster")
+    gpus = c.serve_replicas * c.replica_gpus + ranks * c.learner_gpus
     if gpus > 0:
         import torch
 

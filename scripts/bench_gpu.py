@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.config_loading import ConfigError, load_config  # noqa: E402
+from deploy.preflight import check_local_resources, check_tasks  # noqa: E402
 from policy.checkpoint import DTYPES  # noqa: E402
 from scripts.bench_inference import load_bench_policy, measure_inference, print_table  # noqa: E402
 
@@ -83,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.cfg = load_config(args.config, [f"policy.device={args.device}", f"policy.dtype={args.dtype}",
                                              "logging.tensorboard=false", *args.overrides])
+        if set(args.phases) & {"sim", "ours", "lockstep"}:  # their roles must fit before a cluster starts
+            check_tasks(args.cfg)
+            check_local_resources(args.cfg, learner=False)
     except ConfigError as err:
         p.error(str(err).replace("\n", " "))
     return args

@@ -49,3 +49,13 @@ def test_bench_gpu_reports_every_phase_on_the_cpu(tmp_path):
     for name, t in result["targets"].items():
         assert t["value"] > 0 and t["met"] == (t["value"] >= t["target"]), name
     assert "(d) lockstep" in proc.stdout and "target ours_over_lockstep" in proc.stdout
+
+
+def test_roles_that_do_not_fit_the_machine_stop_the_bench_before_a_cluster_starts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--config", "configs/tiny.yaml", "--device", "cpu",
+         "--phases", "ours", "cluster.num_env_workers=999", "cluster.env_worker_cpus=1", f"run_dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "cluster: the roles ask for" in proc.stderr and "num_env_workers" in proc.stderr
+    assert not (tmp_path / "run").exists()
