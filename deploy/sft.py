@@ -26,6 +26,9 @@ def demo_folder(cfg: RunConfig) -> Path:
             raise ValueError(f"sft.dataset {cfg.sft.dataset}: demos recorded with env.control {sorted(controls)}, "
                              f"but this run has env.control {cfg.env.control!r}; their actions would be misread")
         return Path(cfg.sft.dataset)
+    if cfg.env.backend != "tabletop":
+        raise ValueError(f"sft.dataset: scripted experts exist for the tabletop backend only; give the HDF5 demos "
+                         f"of the {cfg.env.backend} tasks as sft.dataset=DIR")
     from env_workers.factory import make_env
 
     folder = Path(cfg.run_dir) / "demos"

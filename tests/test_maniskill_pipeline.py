@@ -64,3 +64,12 @@ def test_maniskill_trajectories_hold_the_rendered_frames_and_stop_at_the_limit(p
         assert traj.images.shape[1:] == (64, 64, 3) and traj.images.dtype == np.uint8
         assert traj.executed.sum() == done.meta.env_steps == cfg.env.max_steps and not traj.success
     np.testing.assert_array_equal(trajs[0].images[0], trajs[1].images[0])  # same init state, same first frame
+
+
+def test_sft_on_maniskill_asks_for_a_dataset(tmp_path):
+    """Scripted experts exist for the tabletop suites only; SFT on ManiSkill names the field to set."""
+    from deploy.sft import demo_folder
+
+    cfg = load_config(ROOT / "configs/maniskill.yaml", [f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"^sft.dataset: scripted experts exist for the tabletop backend only"):
+        demo_folder(cfg)
