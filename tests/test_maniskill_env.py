@@ -22,7 +22,7 @@ SPLIT = {"split": "disjoint", "num_train": 30, "num_eval": 20}
 
 
 def _cfg(**kw) -> EnvConfig:
-    base = dict(backend="maniskill", suite="maniskill", image_size=SIZE, max_steps=6, num_steps_wait=0, init_states=SPLIT)
+    base = dict(backend="maniskill", suite="maniskill", image_size=SIZE, max_steps=10, num_steps_wait=0, init_states=SPLIT)
     return EnvConfig(**{**base, **kw})
 
 
@@ -86,6 +86,19 @@ def test_env_satisfies_the_episode_env_protocol_with_the_suites_tasks(env):
     assert len({env.instruction(t) for t in env.task_names}) == len(TASKS)
 
 
+def test_pickcube_shows_its_goal_marker_to_the_camera(env):
+    """PickCube hides its goal from cameras (its state observation has the goal); an image-only
+    policy must see it, so the marker is rendered: the image changes where the marker stands."""
+    env.reset("PickCube-v1", 0)
+    sim = env.sim
+    with_goal = env.render()
+    goal = sim.goal_site.pose.p[0].clone()
+    _place(sim.goal_site, goal + np.array([0.0, 0.0, 5.0], dtype=np.float32))  # far above the camera's view
+    without = env.render()
+    green = lambda img: int(((img[..., 1] > 150) & (img[..., 0] < 100) & (img[..., 2] < 100)).sum())  # noqa: E731
+    assert green(with_goal) > green(without) == 0
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_task_resets_steps_and_succeeds_by_its_own_evaluation(env, task):
     obs = env.reset(task, 3)
@@ -104,74 +117,6 @@ def test_every_task_resets_steps_and_succeeds_by_its_own_evaluation(env, task):
         env.step(_noop())
 
 
-def test_pickcube_shows_its_goal_marker_to_the_camera(env):
-    """PickCube hides its goal from cameras (its state observation has the goal); an image-only
-    policy must see it, so the marker is rendered: the image changes where the marker stands."""
-    env.reset("PickCube-v1", 0)
-    sim = env.sim
-    with_goal = env.render()
-    goal = sim.goal_site.pose.p[0].clone()
-    _place(sim.goal_site, goal + np.array([0.0, 0.0, 5.0], dtype=np.float32))  # far above the camera's view
-    without = env.render()
-    green = lambda img: int(((img[..., 1] > 150) & (img[..., 0] < 100) & (img[..., 2] < 100)).sum())  # noqa: E731
-    assert green(with_goal) > green(without) == 0
-
-
-def test_two_envs_in_one_process_each_render_their_own_scene(env):
-    """An env worker hosts several envs; each renders its own SAPIEN scene."""
-    first = env.reset("PushCube-v1", 0).image
-    other = make_env(_cfg(tasks=["PullCube-v1"]))
-    try:
-        pull = other.reset("PullCube-v1", 0).image
-        np.testing.assert_array_equal(env.reset("PushCube-v1", 0).image, first)
-        np.testing.assert_array_equal(other.reset("PullCube-v1", 0).image, pull)
-        assert np.abs(first.astype(int) - pull).mean() > 5, "different scenes"
-    finally:
-        other.close()
-
-
-# --- steps, limit, chunks ---
-def test_step_chunk_matches_single_steps_and_stops_at_the_step_limit(env):
-    rng = np.random.default_rng(0)
-    actions = rng.uniform(-1, 1, (env.cfg.max_steps + 3, 7))
-    env.reset("LiftPegUpright-v1", 1)
-    singles = [env.step(a) for a in actions[:env.cfg.max_steps]]
-    assert [r.done for r in singles] == [False] * (env.cfg.max_steps - 1) + [True]
-    env.reset("LiftPegUpright-v1", 1)
-    chunk = env.step_chunk(actions, keep_frames=True)
-    assert (chunk.steps, chunk.done, chunk.success, len(chunk.frames)) == (env.cfg.max_steps, True, False, env.cfg.max_steps)
-    np.testing.assert_array_equal(chunk.observation.image, singles[-1].observation.image)
-    np.testing.assert_array_equal(chunk.observation.proprio, singles[-1].observation.proprio)
-    np.testing.assert_array_equal(chunk.frames[2], singles[2].observation.image)
-    env.reset("LiftPegUpright-v1", 1)
-    with pytest.raises(ValueError, match="7 values"):
-        env.step(np.zeros(6))
-    with pytest.raises(ValueError, match="NaN"):
-        env.step(np.full(7, np.nan))
-
-
-def test_per_task_step_limits_override_max_steps():
-    with ManiSkillEnv(_cfg(tasks=["PushCube-v1"], max_steps=5, task_max_steps={"PushCube-v1": 2})) as e:
-        e.reset("PushCube-v1", 0)
-        assert [e.step(_noop()).done for _ in range(2)] == [False, True]
-
-
-# --- initial states ---
-def test_init_states_are_seeds_split_disjoint_and_independent_of_history(env):
-    train, heldout = env.init_states("StackCube-v1", "train"), env.init_states("StackCube-v1", "eval")
-    assert train == list(range(30)) and heldout == list(range(30, 50)) and not set(train) & set(heldout)
-    first = env.reset("StackCube-v1", heldout[0])
-    env.reset("PushCube-v1", 2)  # another task, another scene, in between
-    for _ in range(3):
-        env.step(np.random.default_rng(1).uniform(-1, 1, 7))
-    again = env.reset("StackCube-v1", heldout[0])
-    np.testing.assert_array_equal(first.image, again.image)
-    np.testing.assert_array_equal(first.proprio, again.proprio)
-    assert not np.array_equal(first.image, env.reset("StackCube-v1", train[0]).image), "other seeds, other scenes"
-    paper = ManiSkillEnv(_cfg(init_states={"split": "paper", "num_train": 10, "num_eval": 10}))
-    assert paper.init_states("StackCube-v1", "eval") == paper.init_states("StackCube-v1", "train") == list(range(10))
-
-
 def test_peg_insertion_draws_peg_and_box_sizes_from_the_init_state(env):
     sizes = []
     for state in (4, 5, 4):
@@ -179,6 +124,44 @@ def test_peg_insertion_draws_peg_and_box_sizes_from_the_init_state(env):
         sizes.append(env.sim.peg_half_sizes[0].numpy().copy())
     np.testing.assert_array_equal(sizes[0], sizes[2])
     assert not np.array_equal(sizes[0], sizes[1])
+
+
+# --- initial states ---
+def test_init_states_are_seeds_split_disjoint_and_independent_of_history(env):
+    train, heldout = env.init_states("StackCube-v1", "train"), env.init_states("StackCube-v1", "eval")
+    assert train == list(range(30)) and heldout == list(range(30, 50)) and not set(train) & set(heldout)
+    actions = np.random.default_rng(1).uniform(-1, 1, (4, 7))
+    first = env.reset("StackCube-v1", heldout[0])
+    first_end = env.step_chunk(actions).observation
+    env.reset("StackCube-v1", 2)  # another episode in the same scene in between
+    env.step_chunk(actions[::-1])
+    again = env.reset("StackCube-v1", heldout[0])
+    np.testing.assert_array_equal(first.image, again.image)
+    np.testing.assert_array_equal(first.proprio, again.proprio)
+    np.testing.assert_array_equal(env.step_chunk(actions).observation.proprio, first_end.proprio)  # same actions, same path
+    assert not np.array_equal(first.image, env.reset("StackCube-v1", train[0]).image), "other seeds, other scenes"
+    paper = ManiSkillEnv(_cfg(init_states={"split": "paper", "num_train": 10, "num_eval": 10}))
+    assert paper.init_states("StackCube-v1", "eval") == paper.init_states("StackCube-v1", "train") == list(range(10))
+
+
+# --- steps, limit, chunks ---
+def test_step_chunk_matches_single_steps_and_stops_at_the_step_limit(env):
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (env.cfg.max_steps + 3, 7))
+    env.reset("StackCube-v1", 1)
+    singles = [env.step(a) for a in actions[:env.cfg.max_steps]]
+    assert [r.done for r in singles] == [False] * (env.cfg.max_steps - 1) + [True]
+    env.reset("StackCube-v1", 1)
+    chunk = env.step_chunk(actions, keep_frames=True)
+    assert (chunk.steps, chunk.done, chunk.success, len(chunk.frames)) == (env.cfg.max_steps, True, False, env.cfg.max_steps)
+    np.testing.assert_array_equal(chunk.observation.image, singles[-1].observation.image)
+    np.testing.assert_array_equal(chunk.observation.proprio, singles[-1].observation.proprio)
+    np.testing.assert_array_equal(chunk.frames[2], singles[2].observation.image)
+    env.reset("StackCube-v1", 1)
+    with pytest.raises(ValueError, match="7 values"):
+        env.step(np.zeros(6))
+    with pytest.raises(ValueError, match="NaN"):
+        env.step(np.full(7, np.nan))
 
 
 # --- LIBERO's action conventions ---
@@ -205,7 +188,26 @@ def test_gripper_closes_on_plus_one_opens_on_minus_one_and_holds_on_zero(env):
     assert held[6] - held[7] < open_width - 0.05, "exactly 0 keeps the last command (robosuite reads the sign)"
     for _ in range(4):
         reopened = env.step(_noop(-1.0)).observation.proprio
-    assert reopened[6] - reopened[7] > open_width - 0.01, "LIBERO: -1 opens"
+    assert reopened[6] - reopened[7] > 0.8 * open_width, "LIBERO: -1 opens (most of the way in 4 steps)"
+
+
+def test_two_envs_in_one_process_each_render_their_own_scene(env):
+    """An env worker hosts several envs; each renders its own SAPIEN scene."""
+    first = env.reset("PushCube-v1", 0).image
+    other = make_env(_cfg(tasks=["PullCube-v1"]))
+    try:
+        pull = other.reset("PullCube-v1", 0).image
+        np.testing.assert_array_equal(env.reset("PushCube-v1", 0).image, first)
+        np.testing.assert_array_equal(other.reset("PullCube-v1", 0).image, pull)
+        assert np.abs(first.astype(int) - pull).mean() > 5, "different scenes"
+    finally:
+        other.close()
+
+
+def test_per_task_step_limits_override_max_steps():
+    with ManiSkillEnv(_cfg(tasks=["PushCube-v1"], max_steps=5, task_max_steps={"PushCube-v1": 2})) as e:
+        e.reset("PushCube-v1", 0)
+        assert [e.step(_noop()).done for _ in range(2)] == [False, True]
 
 
 def test_env_worker_gives_maniskill_the_same_policy_actions_as_libero():

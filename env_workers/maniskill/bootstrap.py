@@ -20,6 +20,11 @@ DEVICE_HINT = ("SAPIEN (ManiSkill's renderer) finds no usable Vulkan device ({er
                "Mesa >= 24.3 lavapipe: `make apt` (Debian 12: mesa-vulkan-drivers from bookworm-backports; docs/maniskill.md)")
 _lock = threading.Lock()
 _ready: str | None = None
+# SAPIEN frees its Vulkan context, compiled render pipelines included, with the last scene that uses it.
+# On lavapipe that compile costs ~3.6 s of CPU at the first image of every new scene, i.e. every time an
+# env switches task. A render system held for the whole process keeps the context, so only the first
+# scene of a process pays it.
+_keep_context = None
 
 
 class ManiSkillUnavailable(ImportError):
@@ -63,7 +68,7 @@ def check_offline(task: str) -> None:
 def ensure_maniskill() -> str:
     """Make `mani_skill.envs` (the task registry) importable and import it; returns the render backend.
     Raises ManiSkillUnavailable or RenderDeviceError, each with the fix."""
-    global _ready
+    global _ready, _keep_context
     with _lock:
         if _ready is not None:
             return _ready
@@ -71,6 +76,9 @@ def ensure_maniskill() -> str:
             raise ManiSkillUnavailable(INSTALL_HINT)
         check_render_device()
         importlib.import_module("mani_skill.envs")  # registers the tasks with gymnasium (2-5 s)
+        import sapien
 
-        _ready = render_backend()
+        backend = render_backend()
+        _keep_context = sapien.render.RenderSystem(sapien.Device("cuda" if backend == "gpu" else "cpu"))
+        _ready = backend
         return _ready
