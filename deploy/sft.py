@@ -61,7 +61,7 @@ def load_demos(cfg: RunConfig) -> list:
     demos = select_demos(read_demos(demo_folder(cfg)), cfg.sft.demos_per_task)
     if not demos:
         raise RuntimeError("no demonstrations found for SFT")
-    if cfg.env.backend == "libero":  # LIBERO files store LIBERO's gripper; OpenVLA policies speak RLDS's
+    if cfg.env.backend in ("libero", "maniskill"):  # their files store LIBERO's gripper; OpenVLA policies speak RLDS's
         from env_workers.libero.conventions import libero_to_openvla
 
         for d in demos:

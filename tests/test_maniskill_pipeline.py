@@ -73,3 +73,19 @@ def test_sft_on_maniskill_asks_for_a_dataset(tmp_path):
     cfg = load_config(ROOT / "configs/maniskill.yaml", [f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"^sft.dataset: scripted experts exist for the tabletop backend only"):
         demo_folder(cfg)
+
+
+def test_maniskill_demos_train_the_policy_in_openvlas_gripper_convention(tmp_path):
+    """ManiSkill takes LIBERO's env actions and the env worker converts policy actions as for LIBERO,
+    so SFT reads ManiSkill demos (env actions: -1 open, +1 close) into RLDS's (1 open, 0 close)."""
+    from deploy.sft import load_demos
+    from env_workers.demos import Demo, write_demos
+    from env_workers.worker import to_env_actions
+
+    actions = np.array([[0.1, 0, 0, 0, 0, 0, -1.0], [0, 0, -0.2, 0, 0, 0, 1.0]], dtype=np.float32)
+    write_demos([Demo(TASK, "push", np.zeros((2, 8, 8, 3), np.uint8), actions, np.zeros((2, 8), np.float32))],
+                tmp_path / "demos")
+    cfg = load_config(ROOT / "configs/maniskill.yaml", [f"run_dir={tmp_path}", f"sft.dataset={tmp_path / 'demos'}"])
+    (demo,) = load_demos(cfg)
+    assert demo.actions[:, -1].tolist() == [1.0, 0.0]
+    np.testing.assert_array_equal(to_env_actions("maniskill", demo.actions), actions)  # what the env gets back
