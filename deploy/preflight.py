@@ -2,9 +2,9 @@
 
 The schema (common/config.py) rejects what is wrong in itself; these catch what is wrong only
 here: a policy folder that is missing or lacks the statistics the run un-normalises with, a suite
-or task that does not exist, LIBERO assets that do not verify, more CPUs/GPUs than a local cluster
-has, a run folder that cannot be written, a resume with nothing to resume. Each failure is one
-line that names the field and what would be valid.
+or task that does not exist, LIBERO assets that do not verify, no Vulkan device for ManiSkill's
+renderer, more CPUs/GPUs than a local cluster has, a run folder that cannot be written, a resume
+with nothing to resume. Each failure is one line that names the field and what would be valid.
 """
 
 from __future__ import annotations
@@ -94,7 +94,20 @@ def suite_task_names(cfg: RunConfig) -> list[str]:
         except Exception as err:
             raise PreflightError(f"env.backend: LIBERO assets do not verify: {err}") from None
         return SuiteCatalog(env.suite).names
-    raise PreflightError(f"env.backend: {env.backend!r} is not implemented in this build; use tabletop or libero")
+    if env.backend == "maniskill":
+        from env_workers.maniskill.bootstrap import INSTALL_HINT, check_render_device, maniskill_installed
+        from env_workers.maniskill.tasks import SUITES
+
+        if env.suite not in SUITES:
+            raise PreflightError(f"env.suite: unknown ManiSkill suite {env.suite!r}; choose one of {sorted(SUITES)}")
+        if not maniskill_installed():
+            raise PreflightError(INSTALL_HINT)
+        try:
+            check_render_device()  # SAPIEN's Vulkan device: the one machine-level need of ManiSkill
+        except RuntimeError as err:
+            raise PreflightError(f"env.backend: {err}") from None
+        return list(SUITES[env.suite])
+    raise PreflightError(f"env.backend: {env.backend!r} is not implemented in this build; use tabletop, libero or maniskill")
 
 
 def check_tasks(cfg: RunConfig) -> None:

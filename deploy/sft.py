@@ -26,6 +26,9 @@ def demo_folder(cfg: RunConfig) -> Path:
             raise ValueError(f"sft.dataset {cfg.sft.dataset}: demos recorded with env.control {sorted(controls)}, "
                              f"but this run has env.control {cfg.env.control!r}; their actions would be misread")
         return Path(cfg.sft.dataset)
+    if cfg.env.backend != "tabletop":
+        raise ValueError(f"sft.dataset: scripted experts exist for the tabletop backend only; give the HDF5 demos "
+                         f"of the {cfg.env.backend} tasks as sft.dataset=DIR")
     from env_workers.factory import make_env
 
     folder = Path(cfg.run_dir) / "demos"
@@ -58,7 +61,7 @@ def load_demos(cfg: RunConfig) -> list:
     demos = select_demos(read_demos(demo_folder(cfg)), cfg.sft.demos_per_task)
     if not demos:
         raise RuntimeError("no demonstrations found for SFT")
-    if cfg.env.backend == "libero":  # LIBERO files store LIBERO's gripper; OpenVLA policies speak RLDS's
+    if cfg.env.backend in ("libero", "maniskill"):  # their files store LIBERO's gripper; OpenVLA policies speak RLDS's
         from env_workers.libero.conventions import libero_to_openvla
 
         for d in demos:

@@ -33,11 +33,13 @@ def make_env(env_cfg: EnvConfig) -> EpisodeEnv:
 
         return LiberoEnv(env_cfg)
     if env_cfg.backend == "maniskill":
-        raise BackendUnavailable(
-            "env.backend 'maniskill' is not implemented in this build yet (its simulator would also need "
-            "`pip install -e '.[maniskill]'`, i.e. mani-skill==3.0.1 sapien==3.0.3); "
-            "use env.backend: tabletop (suite: tabletop) for the built-in MuJoCo suite"
-        )
+        from env_workers.maniskill.bootstrap import INSTALL_HINT, maniskill_installed
+
+        if not maniskill_installed():
+            raise BackendUnavailable(INSTALL_HINT)
+        from env_workers.maniskill.env import ManiSkillEnv
+
+        return ManiSkillEnv(env_cfg)
     raise BackendUnavailable(f"unknown env.backend {env_cfg.backend!r}; known: tabletop, libero, maniskill")
 
 

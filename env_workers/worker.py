@@ -29,13 +29,14 @@ from env_workers.action_batcher import ActionBatcher
 from env_workers.slot_pool import SlotPool
 from policy.action_tokenizer import postprocess_gripper
 
-GRIPPER = {"tabletop": dict(binarize=True, invert=False), "maniskill": dict(binarize=False, invert=False)}
+GRIPPER = {"tabletop": dict(binarize=True, invert=False)}
 
 
 def to_env_actions(backend: str, actions: np.ndarray) -> np.ndarray:
-    """Policy actions -> the simulator's convention. LIBERO: OpenVLA's gripper in [0, 1] (1 = open)
-    becomes -1 = open / +1 = close (env_workers/libero/conventions.py)."""
-    if backend == "libero":
+    """Policy actions -> the simulator's convention. LIBERO and ManiSkill (which takes LIBERO's env
+    actions): OpenVLA's gripper in [0, 1] (1 = open) becomes -1 = open / +1 = close
+    (env_workers/libero/conventions.py, env_workers/maniskill/conventions.py)."""
+    if backend in ("libero", "maniskill"):
         from env_workers.libero.conventions import openvla_to_libero
 
         return openvla_to_libero(actions)

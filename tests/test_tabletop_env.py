@@ -172,12 +172,15 @@ def test_gripper_follows_libero_convention_plus_one_closes(env):
     np.testing.assert_allclose(env.sim.finger_q, open_q, atol=3e-3)
 
 
-def test_make_env_builds_tabletop_and_names_the_missing_backends():
+def test_make_env_builds_tabletop_and_names_the_missing_backends(monkeypatch):
+    import env_workers.maniskill.bootstrap as maniskill
+
     e = make_env(_cfg(tasks=["red_in_bowl"]))
     assert isinstance(e, TabletopEnv)
     e.close()
-    with pytest.raises(BackendUnavailable, match="maniskill"):  # libero: tests/test_libero_env.py
-        make_env(EnvConfig(backend="maniskill"))
+    monkeypatch.setattr(maniskill, "maniskill_installed", lambda: False)  # libero: tests/test_libero_env.py
+    with pytest.raises(BackendUnavailable, match=r"'maniskill'.*make setup.*\[maniskill\]"):
+        make_env(EnvConfig(backend="maniskill", suite="maniskill"))
 
 
 def test_unknown_task_is_rejected_with_the_known_names():

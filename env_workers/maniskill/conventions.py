@@ -1,0 +1,59 @@
+"""LIBERO's action and proprio conventions on ManiSkill's Panda, in one place.
+
+Env actions (what `ManiSkillEnv.step` takes) are LIBERO's, so everything that drives LIBERO drives
+these tasks too: 7 dims [dx, dy, dz, droll, dpitch, dyaw, gripper] in [-1, 1], gripper -1 = open,
++1 = close. Policies speak OpenVLA's RLDS gripper ([0, 1], 1 = open) and the env worker converts
+it with `openvla_to_libero`, exactly as for LIBERO (env_workers/worker.py: to_env_actions).
+
+ManiSkill's `pd_ee_delta_pose` controller, as it reads those dims:
+- position: a target of the current TCP position + 0.1 m x action[:3], in the robot's root frame
+  (its axes are the world's in every task here: x forward, y left, z up), like LIBERO's OSC
+  (there 0.05 m x action).
+- rotation: the current TCP orientation turned by the axis-angle 0.1 rad x action[3:6] about
+  root-aligned axes at the TCP (LIBERO's OSC: 0.5 rad x action, world axes).
+  Scales are ManiSkill's own: its demos converted to this control mode and its published results use
+  them, and a policy trained here never sees LIBERO's.
+- gripper: ManiSkill's is an absolute finger target (+1 = open 0.04 m, -1 = closed). robosuite's
+  Panda gripper reads only the sign of LIBERO's command and moves toward open or closed, so the
+  sign decides here too: > 0 closes, < 0 opens, exactly 0 keeps the last command (OpenVLA maps a
+  policy gripper of exactly 0.5 to 0, "no change").
+
+Proprio (OpenVLA-OFT's 8 LIBERO dims): TCP position in the world frame (3), TCP orientation as
+axis-angle (3, robosuite's `quat2axisangle` of the same rotation), the two finger joint positions
+with LIBERO's signs (2: +q1, -q2; robosuite's right finger joint is negative when open).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+PROPRIO_DIM = 8
+GRIPPER_OPEN, GRIPPER_CLOSED = 1.0, -1.0  # ManiSkill's normalised finger targets
+OPEN_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)  # LIBERO's no-op: hold the pose, gripper open
+
+
+def libero_to_maniskill(action: np.ndarray, last_gripper: float) -> np.ndarray:
+    """One LIBERO env action [7] -> ManiSkill's `pd_ee_delta_pose` + gripper action [7] (float32).
+    `last_gripper` is ManiSkill's previous finger target, kept when the command is exactly 0."""
+    a = np.clip(np.asarray(action, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    out = a.copy()
+    g = a[6]
+    out[6] = GRIPPER_CLOSED if g > 0 else GRIPPER_OPEN if g < 0 else last_gripper
+    return out
+
+
+def quat_wxyz_to_axisangle(q: np.ndarray) -> np.ndarray:
+    """robosuite's `quat2axisangle` (OpenVLA-OFT's LIBERO proprio) on SAPIEN's (w, x, y, z) order."""
+    w = min(max(float(q[0]), -1.0), 1.0)
+    den = math.sqrt(1.0 - w * w)
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return np.asarray(q[1:4], dtype=np.float64) * 2.0 * math.acos(w) / den
+
+
+def proprio(tcp_pose: np.ndarray, finger_qpos: np.ndarray) -> np.ndarray:
+    """tcp_pose [7] (position, wxyz quaternion; world frame), finger_qpos [2] -> [8] float32."""
+    return np.concatenate([tcp_pose[:3], quat_wxyz_to_axisangle(tcp_pose[3:7]),
+                           [finger_qpos[0], -finger_qpos[1]]]).astype(np.float32)

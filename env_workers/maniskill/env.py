@@ -1,0 +1,196 @@
+"""`ManiSkillEnv`: ManiSkill3 tabletop tasks behind the `EpisodeEnv` API (env_workers/api.py), on the
+CPU: PhysX CPU simulation of one scene (`num_envs=1`), SAPIEN rendering through Vulkan (lavapipe on
+machines without a GPU).
+
+- Actions: LIBERO's 7 dims, mapped onto ManiSkill's `pd_ee_delta_pose` + gripper (conventions.py).
+- Observation: the task's third-person camera (`base_camera`) at `env.image_size`, upright as
+  rendered, plus LIBERO's 8-dim proprio. ManiSkill's own observation pipeline is off
+  (`obs_mode="none"`): it would render every camera at every step, while the policy reads one image
+  per action chunk, so `step_chunk` steps the physics k times (3-7 ms each) and renders once (~35 ms).
+- Success: the task's own `evaluate()` (`info["success"]`); the episode ends at the first success
+  or at `env.step_limit(task)`. ManiSkill's dense rewards are not computed (`reward_mode="none"`).
+- Initial states: init state i of a task is ManiSkill's `reset(seed=i)`, which places every object
+  (and for PegInsertionSide also draws the peg and box sizes) from that seed alone, whatever ran
+  before; `env.init_states` splits the indices as for the other backends.
+- `num_steps_wait` no-op steps (gripper open, not counted) follow every reset, as on LIBERO; objects
+  start at rest here, so the configs use 0.
+- One ManiSkill env lives at a time; an episode of another task builds that task's (0.2-0.5 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+
+from common.config import EnvConfig
+from common.records import ChunkResult, Observation, StepResult
+from env_workers.api import Split, split_init_states
+from env_workers.maniskill import conventions
+from env_workers.maniskill.bootstrap import check_offline, ensure_maniskill
+from env_workers.maniskill.tasks import CAMERA, ROBOT, ManiSkillTask, get_task, suite_tasks
+
+
+class ManiSkillEnv:
+    action_dim = 7
+
+    def __init__(self, cfg: EnvConfig):
+        if cfg.backend != "maniskill":
+            raise ValueError(f"ManiSkillEnv needs env.backend 'maniskill', got {cfg.backend!r}")
+        try:
+            suite = suite_tasks(cfg.suite)
+        except ValueError as e:
+            raise ValueError(f"env.suite: {e}") from None
+        names = list(cfg.tasks) if cfg.tasks else suite
+        for n in [*names, *cfg.task_max_steps]:
+            get_task(cfg.suite, n)  # fail at construction on a typo, naming the known tasks
+        self.render_backend = ensure_maniskill()
+        self.cfg = cfg
+        self._names = names
+        self._gym = None  # the gymnasium env of `task` (wrappers unused: the step limit is ours)
+        self.sim = None  # its unwrapped ManiSkill BaseEnv
+        self.task: ManiSkillTask | None = None
+        self.init_state: int | None = None
+        self.steps = 0
+        self.success = False
+        self._done = True
+        self._gripper = conventions.GRIPPER_OPEN
+
+    # --- EpisodeEnv API ---
+    @property
+    def task_names(self) -> list[str]:
+        return list(self._names)
+
+    def instruction(self, task: str) -> str:
+        return get_task(self.cfg.suite, task).instruction
+
+    def init_states(self, task: str, split: Split) -> list[int]:
+        get_task(self.cfg.suite, task)
+        return split_init_states(self.cfg.init_states, split)
+
+    def reset(self, task: str, init_state: int) -> Observation:
+        if int(init_state) < 0:
+            raise ValueError(f"init_state must be >= 0 (it is the reset seed), got {init_state}")
+        sim = self._build(get_task(self.cfg.suite, task))
+        with _quiet_maniskill():  # PegInsertionSide rebuilds its scene at every reset (new peg and box sizes)
+            sim.reset(seed=int(init_state))
+        self._gripper = conventions.GRIPPER_OPEN
+        for _ in range(self.cfg.num_steps_wait):
+            self._physics(conventions.OPEN_ACTION)
+        self.init_state = int(init_state)
+        self.steps, self.success, self._done = 0, False, False
+        return self.observe()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        self._apply(action)
+        return StepResult(observation=self.observe(), success=self.success, done=self._done)
+
+    def step_chunk(self, actions: np.ndarray, keep_frames: bool = False) -> ChunkResult:
+        """Physics for every action, rendering only after the last one (or after each for videos)."""
+        actions = np.asarray(actions)
+        if actions.ndim != 2 or len(actions) == 0:
+            raise ValueError(f"actions must be [k, {self.action_dim}] with k >= 1, got shape {actions.shape}")
+        frames: list[np.ndarray] | None = [] if keep_frames else None
+        steps = 0
+        for action in actions:
+            self._apply(action)
+            steps += 1
+            if frames is not None:
+                frames.append(self.render())
+            if self._done:
+                break
+        obs = self.observe(frames[-1] if frames else None)
+        return ChunkResult(observation=obs, success=self.success, done=self._done, steps=steps, frames=frames)
+
+    def close(self) -> None:
+        if self._gym is not None:
+            with contextlib.suppress(Exception):
+                self._gym.close()
+        self._gym, self.sim, self.task, self._done = None, None, None, True
+
+    # --- helpers (tests use them too) ---
+    def observe(self, image: np.ndarray | None = None) -> Observation:
+        """The current observation; `image` if this state was already rendered."""
+        return Observation(image=self.render() if image is None else image, instruction=self.task.instruction,
+                           proprio=self.proprio())
+
+    def proprio(self) -> np.ndarray:
+        agent = self.sim.agent
+        return conventions.proprio(agent.tcp.pose.raw_pose[0].numpy(), agent.robot.get_qpos()[0, -2:].numpy())
+
+    def render(self) -> np.ndarray:
+        """The third-person camera's RGB image [H, W, 3] uint8. Objects the task hides from cameras stay
+        hidden, except those the policy must see (tasks.py: show_hidden)."""
+        sim = self.sim
+        shown = [getattr(sim, name) for name in self.task.show_hidden]
+        for obj in sim._hidden_objects:
+            if not any(obj is s for s in shown):
+                obj.hide_visual()
+        sim.scene.update_render(update_sensors=True, update_human_render_cameras=False)
+        camera = sim.scene.sensors[CAMERA]
+        camera.capture()
+        rgb = camera.get_obs(rgb=True, depth=False, position=False, segmentation=False)["rgb"]
+        return np.ascontiguousarray(rgb[0].cpu().numpy())
+
+    def check_success(self) -> bool:
+        """Re-evaluate the task's success now (after tests edit the sim state)."""
+        return bool(self.sim.evaluate()["success"][0])
+
+    def _apply(self, action: np.ndarray) -> None:
+        """One control step of physics and the success check; no rendering."""
+        if self._done:
+            raise RuntimeError("episode is over (success or step limit): call reset() first")
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (self.action_dim,):
+            raise ValueError(f"action must have {self.action_dim} values, got shape {np.shape(action)}")
+        if np.isnan(a).any():
+            raise ValueError(f"action has NaN: {action}")
+        info = self._physics(a)
+        self.steps += 1
+        self.success = bool(info["success"][0])
+        self._done = self.success or self.steps >= self.cfg.step_limit(self.task.name)
+
+    def _physics(self, action: np.ndarray) -> dict:
+        import torch
+
+        ms_action = conventions.libero_to_maniskill(action, self._gripper)
+        self._gripper = float(ms_action[6])
+        _, _, _, _, info = self.sim.step(torch.from_numpy(ms_action))
+        return info
+
+    def _build(self, task: ManiSkillTask):
+        if self.task is None or self.task.name != task.name:
+            self.close()
+            import gymnasium as gym
+
+            check_offline(task.name)
+            size = self.cfg.image_size
+            with _quiet_maniskill():
+                self._gym = gym.make(task.name, num_envs=1, sim_backend="physx_cpu", render_backend=self.render_backend,
+                                     obs_mode="none", reward_mode="none", control_mode="pd_ee_delta_pose",
+                                     robot_uids=ROBOT, sensor_configs=dict(width=size, height=size))
+            self.sim = self._gym.unwrapped
+            self.task = task
+        return self.sim
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextlib.contextmanager
+def _quiet_maniskill():
+    """Silence ManiSkill's warnings while it builds a scene: that PegInsertionSide's default robot is
+    another (tasks.py: ROBOT) and that some tasks build objects without an initial pose (they are
+    placed at every reset)."""
+    from mani_skill.utils.logging_utils import logger
+
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

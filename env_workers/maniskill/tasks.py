@@ -1,0 +1,59 @@
+"""The ManiSkill3 suites we run: task ids, language instructions, published step limits, and how
+each task is built. Plain data: listing tasks (preflight, configs) never imports the simulator.
+
+ManiSkill's tasks come without language, so every task gets the instruction a person would give
+for what the task's own `evaluate()` counts as success. Step limits are the ones ManiSkill
+registers (`max_episode_steps`); configs/maniskill.yaml uses them as `env.task_max_steps`.
+
+Suite "maniskill": the single-arm Panda tabletop primitives, all offline (no asset download: the
+robot and every object ship in the wheel or are built from boxes, spheres and capsules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUITE = "maniskill"
+
+
+@dataclass(frozen=True)
+class ManiSkillTask:
+    name: str  # the gymnasium id ManiSkill registers
+    instruction: str
+    max_episode_steps: int  # ManiSkill's registered limit, at its 20 Hz control rate
+    show_hidden: tuple[str, ...] = ()  # task attributes ManiSkill hides from cameras that a policy must see
+
+
+TASKS: dict[str, ManiSkillTask] = {t.name: t for t in (
+    # PickCube hides its goal marker from the cameras (its state observation carries the goal position);
+    # an image-only policy could not know where to bring the cube, so the green marker is rendered
+    ManiSkillTask("PickCube-v1", "pick up the red cube and move it to the green marker", 50, show_hidden=("goal_site",)),
+    ManiSkillTask("PushCube-v1", "push the blue cube onto the red and white target", 50),
+    ManiSkillTask("PullCube-v1", "pull the blue cube back onto the red and white target", 50),
+    ManiSkillTask("StackCube-v1", "stack the red cube on top of the green cube", 50),
+    ManiSkillTask("PlaceSphere-v1", "put the blue ball into the white bin", 50),
+    ManiSkillTask("LiftPegUpright-v1", "stand the red and blue peg upright on the table", 50),
+    ManiSkillTask("PegInsertionSide-v1", "insert the orange end of the peg into the hole in the box", 100),
+)}
+
+SUITES: dict[str, dict[str, ManiSkillTask]] = {SUITE: TASKS}
+
+# Every task runs the plain Panda. StackCube and PegInsertionSide default to `panda_wristcam`, the same
+# arm plus a wrist camera and its RealSense mesh; we use no wrist image, and that mesh alone doubles
+# the CPU render time of the third-person camera (~75 ms instead of ~35 ms at 128 px).
+ROBOT = "panda"
+CAMERA = "base_camera"  # each task's third-person camera (the one ManiSkill's RGB baselines use)
+
+
+def suite_tasks(suite: str) -> list[str]:
+    """Task names of a ManiSkill suite, in order; names the known suites on a typo."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown ManiSkill suite {suite!r}; known: {sorted(SUITES)}")
+    return list(SUITES[suite])
+
+
+def get_task(suite: str, name: str) -> ManiSkillTask:
+    tasks = SUITES[suite] if suite in SUITES else {}
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r} for ManiSkill suite {suite!r}; known: {list(tasks)}")
+    return tasks[name]

@@ -1,0 +1,91 @@
+"""The Ray pipeline on real ManiSkill scenes with the tiny policy: one GRPO step end to end (Serve
+replica, one env worker hosting 2 ManiSkill envs, coordinator, 2-rank learner), and the config
+that ships for ManiSkill."""
+
+import numpy as np
+import pytest
+import ray
+
+pytest.importorskip("mani_skill", reason="ManiSkill is installed by `make setup`")
+
+from common.config_loading import load_config  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+
+TASK = "PushCube-v1"
+MANISKILL = ["env.backend=maniskill", "env.suite=maniskill", f"env.tasks=[{TASK}]", "env.image_size=64",
+             "env.num_steps_wait=0", "cluster.num_env_workers=1", "cluster.envs_per_worker=2"]
+
+
+def test_maniskill_config_loads_and_names_real_tasks():
+    from deploy.preflight import check_tasks
+    from env_workers.maniskill import TASKS
+
+    cfg = load_config(ROOT / "configs/maniskill.yaml")
+    assert cfg.env.backend == "maniskill" and cfg.env.image_size == cfg.policy.image_size == 128
+    assert cfg.policy.proprio_dim == 8 and cfg.policy.action_dims == 7
+    check_tasks(cfg)  # every task and per-task limit names a task of the suite
+    assert {t: cfg.env.step_limit(t) for t in TASKS} == {t: spec.max_episode_steps for t, spec in TASKS.items()}
+
+
+@pytest.fixture(scope="module")
+def pipeline(ray_cluster, tiny_policy_dir, tmp_path_factory):
+    from deploy.runtime import Rollout
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*MANISKILL, f"run_dir={tmp_path_factory.mktemp('run')}", "env.max_steps=16",
+                                                   "env.init_states.num_train=25", "env.init_states.num_eval=25",
+                                                   "rollout.min_group_success=0.0", "checkpoint.every=100"])
+    rollout = Rollout.start(cfg, str(tiny_policy_dir))
+    yield cfg, rollout
+    rollout.shutdown()
+
+
+def test_one_grpo_step_on_maniskill_end_to_end(pipeline, tiny_policy_dir):
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = pipeline
+    assert rollout.task_info[TASK]["train"] == list(range(25)) and rollout.task_info[TASK]["eval"] == list(range(25, 50))
+    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
+    try:
+        scalars = trainer.train_step()
+    finally:
+        trainer.shutdown()
+    assert scalars["rollout/episodes"] >= cfg.rollout.groups_per_batch * cfg.rollout.group_size
+    assert np.isfinite(scalars["train/loss"]) and scalars["policy/version"] == 1
+    assert rollout.handle.broadcast("get_version").results(timeout_s=30) == [1] * cfg.cluster.serve_replicas
+
+
+def test_maniskill_trajectories_hold_the_rendered_frames_and_stop_at_the_limit(pipeline):
+    from actors.env_pool import Episode
+
+    cfg, rollout = pipeline
+    results = rollout.pool.run_all([Episode(TASK, s, 1.6, False) for s in (3, 3)], timeout_s=300)
+    trajs = [ray.get(done.ref) for done in results]
+    for done, traj in zip(results, trajs):
+        assert traj.images.shape[1:] == (64, 64, 3) and traj.images.dtype == np.uint8
+        assert traj.executed.sum() == done.meta.env_steps == cfg.env.max_steps and not traj.success
+    np.testing.assert_array_equal(trajs[0].images[0], trajs[1].images[0])  # same init state, same first frame
+
+
+def test_sft_on_maniskill_asks_for_a_dataset(tmp_path):
+    """Scripted experts exist for the tabletop suites only; SFT on ManiSkill names the field to set."""
+    from deploy.sft import demo_folder
+
+    cfg = load_config(ROOT / "configs/maniskill.yaml", [f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"^sft.dataset: scripted experts exist for the tabletop backend only"):
+        demo_folder(cfg)
+
+
+def test_maniskill_demos_train_the_policy_in_openvlas_gripper_convention(tmp_path):
+    """ManiSkill takes LIBERO's env actions and the env worker converts policy actions as for LIBERO,
+    so SFT reads ManiSkill demos (env actions: -1 open, +1 close) into RLDS's (1 open, 0 close)."""
+    from deploy.sft import load_demos
+    from env_workers.demos import Demo, write_demos
+    from env_workers.worker import to_env_actions
+
+    actions = np.array([[0.1, 0, 0, 0, 0, 0, -1.0], [0, 0, -0.2, 0, 0, 0, 1.0]], dtype=np.float32)
+    write_demos([Demo(TASK, "push", np.zeros((2, 8, 8, 3), np.uint8), actions, np.zeros((2, 8), np.float32))],
+                tmp_path / "demos")
+    cfg = load_config(ROOT / "configs/maniskill.yaml", [f"run_dir={tmp_path}", f"sft.dataset={tmp_path / 'demos'}"])
+    (demo,) = load_demos(cfg)
+    assert demo.actions[:, -1].tolist() == [1.0, 0.0]
+    np.testing.assert_array_equal(to_env_actions("maniskill", demo.actions), actions)  # what the env gets back
