@@ -218,7 +218,7 @@ def test_two_ranks_with_unequal_episode_lengths_take_the_one_rank_step(ray_clust
         halves = [TermBatch("demo_bc", 0.5, terms[0].images[r::2], terms[0].instructions[r::2], terms[0].tokens[r::2], None)
                   for r in range(2)]
         out = ray.get([ranks[r].grpo.remote(trajs[r::2], advantages[r::2], 4, [halves[r]], 1.6) for r in range(2)],
-                      timeout=300)  # a rank left waiting in a collective would time out here
+                      timeout=180)  # a rank left waiting in a collective would time out here
     finally:
         for r in ranks:
             ray.kill(r)
