@@ -173,8 +173,8 @@ class LearnerEngine:
         inside each backward: one with fewer samples runs smaller ones, or, with none left, one
         sample at weight 0 (`real` False: leave it out of the statistics). Returns the summed loss."""
         if n == 0:
-            raise ValueError("a learner rank got no samples in a mini-batch: learner.mini_batch_size must give "
-                             "every rank at least one trajectory")
+            raise ValueError("a learner rank got no samples for an optimiser step: fewer trajectories or SFT "
+                             "samples than cluster.learner_world_size")
         count = torch.tensor([-(-n // self.micro_batch)], device=self.engine.device)
         if self.world_size > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)

@@ -83,25 +83,24 @@ def grpo_loss(
     mask: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clip-higher PPO/GRPO loss of whole trajectories [B, L]: token-mean per trajectory, then sum / normalizer (default B)."""
+    """The GRPO objective (clip-higher PPO surrogate) over whole trajectories [B, L]: token-mean per
+    trajectory, then mean over trajectories. The learner takes it chunk by chunk: grpo_chunk_loss."""
     s = clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
     n_tok = s["m"].sum(-1)  # [B]
     per_traj = (s["pg"] * s["m"]).sum(-1) / n_tok.clamp(min=1)  # [B]; 0 for trajectories without valid tokens
-    normalizer = logp.shape[0] if normalizer is None else normalizer
     sums = surrogate_sums(s)
     n_all = max(sums.pop("tokens"), 1.0)
     stats = {k: v / n_all for k, v in sums.items()}
     stats["adv_mean"] = float(advantages.float().mean()) if advantages.numel() else 0.0
-    return per_traj.sum() / normalizer, stats
+    return per_traj.mean(), stats
 
 
 def grpo_chunk_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     weight: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28) -> tuple[torch.Tensor, dict[str, float]]:
     """The same surrogate over chunks (one policy query each): sum_c weight_c * sum_a pg_ca * mask_ca.
     logp, old_logp, mask [C, A]; advantages, weight [C] (their trajectory's). With weight = 1 / (the
-    trajectory's valid tokens x the normalizer), the sum over every chunk of a batch is grpo_loss,
+    trajectory's valid tokens x B), the sum over every chunk of B trajectories is grpo_loss,
     however the chunks are split into micro-batches. Returns the loss and surrogate_sums."""
     s = clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
     loss = (weight.float() * (s["pg"] * s["m"]).sum(-1)).sum()
