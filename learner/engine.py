@@ -152,11 +152,11 @@ class LearnerEngine:
         return StepStats(loss=loss, grad_norm=self._grad_norm(), extra=extra)
 
     # --- SFT --------------------------------------------------------------------------------
-    def sft_minibatch(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio=None,
-                      batch_samples: int | None = None) -> StepStats:
-        """Cross-entropy on action tokens, mean over the `batch_samples` of all ranks (default: this
-        rank's count x world size); images [N, H, W, 3], tokens [N, A] action ids."""
-        scale = self.world_size / (batch_samples or len(images) * self.world_size)
+    def sft_minibatch(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio,
+                      batch_samples: int) -> StepStats:
+        """Cross-entropy on action tokens, mean over the `batch_samples` of all ranks; this rank's
+        images [N, H, W, 3], tokens [N, A] action ids."""
+        scale = self.world_size / batch_samples
 
         def micro_loss(idx: np.ndarray, real: bool) -> torch.Tensor:
             part = sft_batch_loss(self.policy, images[idx], [instructions[j] for j in idx], tokens[idx],

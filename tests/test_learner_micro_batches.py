@@ -99,10 +99,10 @@ def _ranks(world: int) -> list:
 
             ds.step = step_spy
 
-        def grpo(self, trajs, advantages, batch_trajs: int, terms, temperature: float) -> dict:
+        def grpo(self, trajs, advantages, batch_trajs: int, terms, temperature: float, old=None) -> dict:
             self.forward_sizes.clear()
             self.attn_calls = 0
-            s = self.engine.grpo_minibatch(trajs, advantages, temperature, batch_trajs, None, terms)
+            s = self.engine.grpo_minibatch(trajs, advantages, temperature, batch_trajs, old, terms)
             return {"loss": s.loss, "grad_norm": s.grad_norm, "extra": s.extra, "grads": self.grads[-1],
                     "forward_sizes": list(self.forward_sizes), "attn_calls": self.attn_calls, "steps": len(self.grads),
                     "weights": self.engine.weights()}
@@ -178,16 +178,22 @@ def test_loss_and_gradient_do_not_depend_on_micro_batch_chunks(ray_cluster, tiny
         ray.kill(rank)
 
 
-def test_recomputed_old_logprobs_are_bounded_and_match_the_rollout_weights(ray_cluster, tiny_policy_dir, tmp_path):
+def test_recomputed_old_logprobs_are_bounded_and_are_the_current_policys(ray_cluster, tiny_policy_dir, tmp_path):
     trajs = _trajs([3, 1, 4])
     [rank] = _ranks(1)
     try:
         results = {}
-        for chunks in (2, 1000):
+        for chunks in (1000, 2):
             ray.get(rank.build.remote(_cfg(tmp_path, f"learner.micro_batch_chunks={chunks}"), tiny_policy_dir), timeout=300)
             results[chunks] = ray.get(rank.recompute.remote(trajs, 1.6), timeout=300)
+        # as old log-probs of the same weights: every ratio is 1 (learner.recompute_old_logprobs)
+        step = ray.get(rank.grpo.remote(trajs, np.array([1.0, -1.0, 0.5], dtype=np.float32), 3, [], 1.6,
+                                        results[2][0]), timeout=300)
     finally:
         ray.kill(rank)
+    assert step["extra"]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert step["extra"]["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert step["extra"]["clip_fraction"] == 0.0
     (small, small_sizes), (whole, whole_sizes) = results[2], results[1000]
     assert small_sizes == [2, 2, 2, 2] and whole_sizes == [8]
     for a, b, t in zip(small, whole, trajs):
