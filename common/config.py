@@ -181,7 +181,7 @@ class LearnerConfig(Section):
     recompute_old_logprobs: bool = False
     gradient_checkpointing: bool = Field(
         False, description="recompute each transformer block's activations in the backward instead of keeping them: "
-        "less memory per micro-batch chunk for one more forward of the blocks")
+        "far less activation memory per chunk (larger micro_batch_chunks fit) for about one more forward pass")
     loss_terms: dict[Literal["demo_bc"], LossTermConfig] = Field(
         default_factory=dict, description="extra loss terms by name (learner/loss_terms.py), e.g. demo_bc: "
         "cross-entropy on the SFT demonstrations' action tokens, as DAPG does; none = the paper's pure GRPO")

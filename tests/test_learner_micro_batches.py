@@ -63,7 +63,7 @@ def _ranks(world: int) -> list:
             from policy.checkpoint import load_policy
 
             torch.manual_seed(0)
-            policy = load_policy(policy_dir, policy=cfg.policy)
+            policy = load_policy(policy_dir, dtype=cfg.policy.dtype, policy=cfg.policy)
             policy.model.train()
             return policy
 
