@@ -172,8 +172,9 @@ class LearnerConfig(Section):
     clip_high: float = Field(0.28, gt=0)
     mini_batch_size: int = Field(128, gt=0, description="trajectories per optimiser step")
     micro_batch_chunks: int = Field(
-        8, gt=0, description="samples (one observation and its action chunk) per forward/backward per rank: bounds "
-        "the learner's activation memory whatever the episode lengths; the gradient is the same for any value")
+        8, gt=0, description="samples (one observation and its action chunk; loss_terms' samples count too) per "
+        "forward/backward per rank: bounds the learner's activation memory whatever the episode lengths; the "
+        "gradient is the same for any value")
     epochs: int = Field(1, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2] = 2

@@ -153,7 +153,7 @@ def _assert_grads_close(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_loss_and_gradient_do_not_depend_on_micro_batch_chunks(ray_cluster, tiny_policy_dir, tmp_path, stage):
     trajs = _trajs([1, 4, 2, 5])  # 12 chunks of unequal trajectories
     advantages = np.array([1.0, -0.5, 0.8, -1.3], dtype=np.float32)
