@@ -171,23 +171,21 @@ class LearnerConfig(Section):
     clip_low: float = Field(0.2, gt=0, lt=1)
     clip_high: float = Field(0.28, gt=0)
     mini_batch_size: int = Field(128, gt=0, description="trajectories per optimiser step")
-    micro_batch_size: int = Field(8, gt=0, description="trajectories per forward/backward per rank")
+    micro_batch_chunks: int = Field(
+        8, gt=0, description="samples (one observation and its action chunk; loss_terms' samples count too) per "
+        "forward/backward per rank: bounds the learner's activation memory whatever the episode lengths; the "
+        "gradient is the same for any value")
     epochs: int = Field(1, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2] = 2
     sync_every: int = Field(1, gt=0)
     recompute_old_logprobs: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each transformer block's activations in the backward instead of keeping them: "
+        "far less activation memory per chunk (larger micro_batch_chunks fit) for about one more forward pass")
     loss_terms: dict[Literal["demo_bc"], LossTermConfig] = Field(
         default_factory=dict, description="extra loss terms by name (learner/loss_terms.py), e.g. demo_bc: "
         "cross-entropy on the SFT demonstrations' action tokens, as DAPG does; none = the paper's pure GRPO")
-
-    @model_validator(mode="after")
-    def _micro_divides_mini(self):
-        if self.mini_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"mini_batch_size {self.mini_batch_size} must be a multiple of micro_batch_size {self.micro_batch_size}"
-            )
-        return self
 
 
 class SFTConfig(Section):
@@ -196,8 +194,8 @@ class SFTConfig(Section):
     lr: float = Field(3e-4, gt=0)
     batch_size: int = Field(16, gt=0)
     micro_batch_size: int | None = Field(
-        None, gt=0, description="SFT samples per forward/backward per rank; None = learner.micro_batch_size "
-        "(the same split as GRPO); at least the per-rank batch = one pass, faster on CPU, same gradient"
+        None, gt=0, description="SFT samples per forward/backward per rank; None = learner.micro_batch_chunks "
+        "(the same bound as GRPO); at least the per-rank batch = one pass, faster on CPU, same gradient"
     )
     shift_augment_px: int = Field(
         0, ge=0, description="random image shift of up to this many pixels per SFT sample (DrQ-style); 0 = off"
@@ -304,20 +302,16 @@ class RunConfig(Section):
                 f"rollout batch (groups_per_batch x group_size = {batch}) must be a multiple of "
                 f"learner.mini_batch_size {self.learner.mini_batch_size}"
             )
-        per_rank = self.learner.micro_batch_size * self.cluster.learner_world_size
-        if self.learner.mini_batch_size % per_rank:
+        if self.learner.mini_batch_size % self.cluster.learner_world_size:
             raise ValueError(
                 f"learner.mini_batch_size {self.learner.mini_batch_size} must be a multiple of "
-                f"micro_batch_size x cluster.learner_world_size = {per_rank}"
+                f"cluster.learner_world_size {self.cluster.learner_world_size} (each rank trains an equal share)"
             )
+        if self.sft.batch_size < self.cluster.learner_world_size:
+            raise ValueError(f"sft.batch_size {self.sft.batch_size} leaves a learner rank without samples: at least "
+                             f"cluster.learner_world_size {self.cluster.learner_world_size}")
         if self.learner.sync_every - 1 > self.rollout.max_policy_lag:
             raise ValueError(f"learner.sync_every {self.learner.sync_every} leaves the replicas up to "
                              f"{self.learner.sync_every - 1} versions behind, more than rollout.max_policy_lag "
                              f"{self.rollout.max_policy_lag}; raise max_policy_lag or sync every step")
-        sft_micro, sft_per_rank = self.sft.micro_batch_size, self.sft.batch_size // self.cluster.learner_world_size
-        if sft_micro is not None and sft_micro < sft_per_rank and sft_per_rank % sft_micro:  # larger = the whole batch
-            raise ValueError(
-                f"sft.batch_size / cluster.learner_world_size = {sft_per_rank} samples per rank must be a multiple of "
-                f"sft.micro_batch_size {sft_micro}, or at most {sft_micro} (then one pass per step)"
-            )
         return self

@@ -1,7 +1,8 @@
 """The DeepSpeed training engine shared by SFT and GRPO (ZeRO-1/2; gloo on CPU, NCCL on GPUs).
 
 One instance per rank. Callers hand each rank its own slice of a mini-batch; the engine splits it
-into micro-batches and lets DeepSpeed accumulate gradients and all-reduce across ranks.
+into micro-batches of at most `micro_batch` samples (chunks: one observation and its action chunk),
+sums their weighted gradients and takes one optimiser step, DeepSpeed all-reducing across ranks.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import pad_sequence
+import torch.distributed as dist
 
 from common.config import LearnerConfig
 from common.records import Trajectory
-from learner.grpo import grpo_loss, sft_loss, token_mask
+from learner.chunk_samples import ChunkSamples, micro_batches
+from learner.grpo import grpo_chunk_loss, sft_loss
 from learner.loss_terms import TermBatch
 from policy.vla import VLAPolicy
 
@@ -42,35 +44,6 @@ class StepStats:
     extra: dict
 
 
-def trajectory_logprobs(policy: VLAPolicy, trajs: list[Trajectory], temperature: float):
-    """Forward every chunk of every trajectory at once -> per-trajectory padded log-probs and
-    entropies [B, L] of the stored tokens."""
-    images = np.concatenate([t.images for t in trajs])  # [sum T, H, W, 3]
-    instructions = [t.instruction for t in trajs for _ in range(t.num_chunks)]
-    tokens = torch.from_numpy(np.concatenate([t.tokens.reshape(t.num_chunks, -1) for t in trajs]))  # [sum T, A]
-    proprio = np.concatenate([t.proprio for t in trajs]) if policy.uses_proprio else None
-    logp, entropy = policy.token_log_probs(images, instructions, tokens, temperature, proprio)  # [sum T, A]
-    sizes = [t.num_chunks for t in trajs]
-    pad = lambda x: pad_sequence([c.reshape(-1) for c in torch.split(x, sizes)], batch_first=True)  # noqa: E731
-    return pad(logp), pad(entropy)  # [B, L]
-
-
-def grpo_batch_loss(policy: VLAPolicy, trajs: list[Trajectory], advantages: np.ndarray, temperature: float,
-                    cfg: LearnerConfig, old_logprobs=None) -> tuple[torch.Tensor, dict]:
-    """The GRPO loss of these trajectories (normalised by their number) and its statistics;
-    old log-probs are the rollout's unless given (recomputed)."""
-    logp, entropy = trajectory_logprobs(policy, trajs, temperature)  # [M, L]
-    dims = trajs[0].tokens.shape[-1]
-    old_src = old_logprobs if old_logprobs is not None else [t.logprobs for t in trajs]
-    old = pad_sequence([torch.tensor(np.asarray(o, dtype=np.float32)).reshape(-1) for o in old_src], batch_first=True)
-    mask = token_mask(pad_sequence([torch.tensor(t.executed) for t in trajs], batch_first=True), dims)  # [M, L]
-    adv = torch.as_tensor(advantages, dtype=torch.float32)
-    old, mask, adv = old.to(logp.device), mask.to(logp.device), adv.to(logp.device)
-    loss, stats = grpo_loss(logp, old, adv, mask, cfg.clip_low, cfg.clip_high, normalizer=len(trajs))
-    stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
-    return loss, stats
-
-
 def sft_batch_loss(policy: VLAPolicy, images: np.ndarray, instructions: list[str], tokens: np.ndarray,
                    proprio=None) -> torch.Tensor:
     """Cross-entropy on action tokens; images [N, H, W, 3], tokens [N, A] action ids."""
@@ -81,20 +54,27 @@ def sft_batch_loss(policy: VLAPolicy, images: np.ndarray, instructions: list[str
 
 
 class LearnerEngine:
-    def __init__(self, policy: VLAPolicy, cfg: LearnerConfig, lr: float, micro_batch: int, grad_accum: int):
+    """`micro_batch`: samples (chunks) per forward/backward on this rank."""
+
+    def __init__(self, policy: VLAPolicy, cfg: LearnerConfig, lr: float, micro_batch: int):
         import deepspeed
 
         self.policy = policy
         self.cfg = cfg
         self.micro_batch = micro_batch
+        self.world_size = dist.get_world_size()
         policy.model.split_action_head()  # the head's other 31,808 rows are never read: no gradient, no optimiser state
+        if cfg.gradient_checkpointing:
+            policy.model.enable_gradient_checkpointing()
         params = [p for p in policy.model.parameters() if p.requires_grad]
         # fused: one kernel over the parameters (ZeRO-1/2: its flat fp32 partition) instead of a pass per elementwise op;
         # the demo policy's optimiser step (8.7M parameters) takes ~21 ms instead of ~48 on 2 CPU cores
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=True)
         ds_config = {
+            # the engine weights each micro-batch's loss itself and marks the mini-batch's last backward
+            # as the accumulation boundary (_accumulate): DeepSpeed's own count of micro-steps is unused
             "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": grad_accum,
+            "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.grad_clip,
             "zero_optimization": {"stage": cfg.zero_stage},
             "zero_allow_untested_optimizer": True,
@@ -118,47 +98,98 @@ class LearnerEngine:
 
     @torch.no_grad()
     def recompute_logprobs(self, trajs: list[Trajectory], temperature: float) -> list[np.ndarray]:
-        logp, _ = trajectory_logprobs(self.policy, trajs, temperature)
-        return [logp[i, : t.tokens.size].reshape(t.tokens.shape).float().numpy() for i, t in enumerate(trajs)]
+        """The current policy's log-probs of the stored tokens, one [T, chunk, dims] array per
+        trajectory, forwarded micro_batch chunks at a time (no gradient, no collective)."""
+        samples = ChunkSamples.of(trajs)
+        parts = micro_batches(len(samples), -(-len(samples) // self.micro_batch))
+        logp = torch.cat([self.policy.token_log_probs(*self._inputs(samples, idx, temperature))[0].float().cpu()
+                          for idx in parts if len(idx)])  # [S, A]
+        return [c.reshape(t.tokens.shape).numpy() for c, t in zip(torch.split(logp, [t.num_chunks for t in trajs]), trajs)]
 
-    def grpo_minibatch(self, trajs: list[Trajectory], advantages: np.ndarray, temperature: float, old_logprobs=None,
-                       terms: list[TermBatch] = ()) -> StepStats:
-        """One optimiser step over this rank's slice of a mini-batch (micro-batched). Each loss term's
-        samples are split over the micro-batches; it adds weight x their action-token cross-entropy
-        to the loss, logged as `{name}_loss` (learner.loss_terms)."""
-        totals: dict[str, float] = {}
-        term_losses: dict[str, list[float]] = {t.name: [] for t in terms}
-        starts = range(0, len(trajs), self.micro_batch)
-        parts = [np.array_split(np.arange(len(t.images)), len(starts)) for t in terms]
-        for i, start in enumerate(starts):
-            sl = slice(start, start + self.micro_batch)
-            loss, stats = grpo_batch_loss(self.policy, trajs[sl], advantages[sl], temperature, self.cfg,
-                                          None if old_logprobs is None else old_logprobs[sl])
-            for term, term_parts in zip(terms, parts):
-                if len(term_parts[i]):
-                    term_loss = sft_batch_loss(self.policy, *term.part(term_parts[i]))
-                    loss = loss + term.weight * term_loss
-                    term_losses[term.name].append(float(term_loss.detach()))
-            self.engine.backward(loss)
-            self._step()
-            stats["loss"] = float(loss.detach())
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        means = {k: v / len(starts) for k, v in totals.items()}
-        means.update({f"{name}_loss": float(np.mean(v)) for name, v in term_losses.items() if v})
-        return StepStats(loss=means.pop("loss"), grad_norm=self._grad_norm(), extra=means)
+    def _inputs(self, samples: ChunkSamples, idx: np.ndarray, temperature: float) -> tuple:
+        images, instructions, tokens, proprio = samples.inputs(idx, self.policy.uses_proprio)
+        return images, instructions, tokens, temperature, proprio
+
+    def grpo_minibatch(self, trajs: list[Trajectory], advantages: np.ndarray, temperature: float, batch_trajs: int,
+                       old_logprobs=None, terms: list[TermBatch] = ()) -> StepStats:
+        """One optimiser step over this rank's slice `trajs` of a mini-batch of `batch_trajs`
+        trajectories (all ranks). The loss is grpo_loss's: token-mean per trajectory, mean over the
+        mini-batch's trajectories, whichever rank and micro-batch each chunk lands in. Each loss
+        term adds weight x the mean action-token cross-entropy of its samples, logged as
+        `{name}_loss` (learner.loss_terms). Old log-probs are the rollout's unless given."""
+        samples = ChunkSamples.of(trajs)
+        # DeepSpeed averages the ranks' gradients: world_size / batch_trajs makes the sum the mini-batch's mean
+        weights = self.world_size / batch_trajs / samples.valid_tokens()  # [B] per token of each trajectory
+        term_sizes = [len(t.images) for t in terms]
+        offsets = np.cumsum([len(samples), *term_sizes])  # samples: the GRPO chunks, then each term's in turn
+        sums: dict[str, float] = {}
+        term_losses = {t.name: 0.0 for t in terms}
+
+        def micro_loss(idx: np.ndarray, real: bool) -> torch.Tensor:
+            loss = torch.zeros((), device=self.engine.device)
+            mine = idx[idx < len(samples)]
+            if len(mine):
+                logp, entropy = self.policy.token_log_probs(*self._inputs(samples, mine, temperature))  # [c, A]
+                old, mask, adv, w = (x.to(logp.device) for x in samples.targets(mine, advantages, weights, old_logprobs))
+                pg, stats = grpo_chunk_loss(logp, old, adv, mask, w, self.cfg.clip_low, self.cfg.clip_high)
+                loss = loss + pg
+                stats["entropy"] = float((entropy.detach() * mask).sum())
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v * real
+            for term, size, start in zip(terms, term_sizes, offsets):
+                part = idx[(idx >= start) & (idx < start + size)] - start
+                if len(part):
+                    term_loss = sft_batch_loss(self.policy, *term.part(part))  # mean over the part's samples
+                    loss = loss + term.weight * term_loss * (len(part) / size)
+                    term_losses[term.name] += float(term_loss.detach()) * len(part) / size * real
+            return loss
+
+        loss = self._accumulate(int(offsets[-1]), micro_loss)
+        n_tok = max(sums.pop("tokens", 0.0), 1.0)
+        extra = {k: v / n_tok for k, v in sums.items()}
+        extra["adv_mean"] = float(np.mean(advantages)) if len(advantages) else 0.0
+        extra.update({f"{name}_loss": v for name, v in term_losses.items()})
+        return StepStats(loss=loss, grad_norm=self._grad_norm(), extra=extra)
 
     # --- SFT --------------------------------------------------------------------------------
-    def sft_minibatch(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio=None) -> StepStats:
-        """Cross-entropy on action tokens; images [N, H, W, 3], tokens [N, A] action ids."""
-        losses = []
-        for start in range(0, len(images), self.micro_batch):
-            sl = slice(start, start + self.micro_batch)
-            loss = sft_batch_loss(self.policy, images[sl], instructions[sl], tokens[sl], None if proprio is None else proprio[sl])
+    def sft_minibatch(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio,
+                      batch_samples: int) -> StepStats:
+        """Cross-entropy on action tokens, mean over the `batch_samples` of all ranks; this rank's
+        images [N, H, W, 3], tokens [N, A] action ids."""
+        scale = self.world_size / batch_samples
+
+        def micro_loss(idx: np.ndarray, real: bool) -> torch.Tensor:
+            part = sft_batch_loss(self.policy, images[idx], [instructions[j] for j in idx], tokens[idx],
+                                  None if proprio is None else proprio[idx])
+            return part * (len(idx) * scale)
+
+        return StepStats(loss=self._accumulate(len(images), micro_loss), grad_norm=self._grad_norm(), extra={})
+
+    # --- accumulation -----------------------------------------------------------------------
+    def _accumulate(self, n: int, micro_loss) -> float:
+        """One optimiser step over this rank's `n` samples, in micro-batches of at most micro_batch;
+        `micro_loss(idx, real)` gives a micro-batch's loss, already weighted so that the losses sum
+        to the objective. Every rank runs as many micro-batches, since ZeRO-2 reduces gradients
+        inside each backward: one with fewer samples runs smaller ones, or, with none left, one
+        sample at weight 0 (`real` False: leave it out of the statistics). Returns the summed loss."""
+        if n == 0:
+            raise ValueError("a learner rank got no samples for an optimiser step: fewer trajectories or SFT "
+                             "samples than cluster.learner_world_size")
+        count = torch.tensor([-(-n // self.micro_batch)], device=self.engine.device)
+        if self.world_size > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        count = int(count.item())
+        total = 0.0
+        for i, idx in enumerate(micro_batches(n, count)):
+            real = len(idx) > 0
+            loss = micro_loss(idx if real else np.arange(1), real)
+            if not real:
+                loss = loss * 0.0  # the same graph as a real micro-batch: every gradient hook fires, adding 0
+            self.engine.set_gradient_accumulation_boundary(i == count - 1)
             self.engine.backward(loss)
-            self._step()
-            losses.append(float(loss.detach()))
-        return StepStats(loss=float(np.mean(losses)), grad_norm=self._grad_norm(), extra={})
+            total += float(loss.detach())
+        self._step()
+        return total
 
     # --- state ------------------------------------------------------------------------------
     def _step(self) -> None:

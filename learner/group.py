@@ -64,9 +64,8 @@ class LearnerWorker:
         from learner.engine import LearnerEngine
 
         self._load(master_addr, master_port, policy_path, seed)
-        per_rank = self.cfg.sft.batch_size // self.world_size
-        micro = min(self.cfg.sft.micro_batch_size or self.cfg.learner.micro_batch_size, per_rank)
-        self.engine = LearnerEngine(self.policy, self.cfg.learner, self.cfg.sft.lr, micro, max(1, per_rank // micro))
+        micro = self.cfg.sft.micro_batch_size or self.cfg.learner.micro_batch_chunks
+        self.engine = LearnerEngine(self.policy, self.cfg.learner, self.cfg.sft.lr, micro)
         return sum(p.numel() for p in self.policy.model.parameters())
 
     def setup_grpo(self, master_addr: str, master_port: int, policy_path: str, seed: int,
@@ -77,8 +76,7 @@ class LearnerWorker:
 
         self._load(master_addr, master_port, policy_path, seed)
         lc = self.cfg.learner
-        per_rank = lc.mini_batch_size // self.world_size
-        self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_size, per_rank // lc.micro_batch_size)
+        self.engine = LearnerEngine(self.policy, lc, lc.lr, lc.micro_batch_chunks)
         self.loss_terms = [LossTerm(name, term.weight, term.batch_size, term_samples[name])
                            for name, term in lc.loss_terms.items()]
         return sum(p.numel() for p in self.policy.model.parameters())
@@ -92,20 +90,22 @@ class LearnerWorker:
         stats: list[dict] = []
         for _ in range(lc.epochs):
             for start in range(0, len(order), lc.mini_batch_size):
-                mine = order[start : start + lc.mini_batch_size][self.rank :: self.world_size]
+                batch = order[start : start + lc.mini_batch_size]
+                mine = batch[self.rank :: self.world_size]
                 trajs: list[Trajectory] = ray.get([traj_refs[i] for i in mine], timeout=300)
                 old = None
                 if lc.recompute_old_logprobs:
                     old = self.engine.recompute_logprobs(trajs, self.cfg.rollout.temperature)
                 terms = [term.draw(self.policy, self.term_rng) for term in self.loss_terms]
-                s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, old, terms)
+                s = self.engine.grpo_minibatch(trajs, advantages[mine], self.cfg.rollout.temperature, len(batch), old, terms)
                 stats.append({"loss": s.loss, "grad_norm": s.grad_norm, **s.extra})
         out = {k: float(np.mean([s[k] for s in stats if k in s])) for k in dict.fromkeys(k for s in stats for k in s)}
         return {**out, "lr": self.engine.lr}
 
     def sft_step(self, images: np.ndarray, instructions: list[str], tokens: np.ndarray, proprio=None) -> dict:
         sl = slice(self.rank, None, self.world_size)
-        s = self.engine.sft_minibatch(images[sl], instructions[sl], tokens[sl], None if proprio is None else proprio[sl])
+        s = self.engine.sft_minibatch(images[sl], instructions[sl], tokens[sl], None if proprio is None else proprio[sl],
+                                      batch_samples=len(images))
         return {"loss": s.loss, "grad_norm": s.grad_norm}
 
     def publish_weights(self) -> list:

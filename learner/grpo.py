@@ -1,7 +1,8 @@
 """GRPO pieces as pure torch functions: advantages, the dynamic-sampling rule, masks, the clip-higher loss.
 
-Shapes: N trajectories in a step, B trajectories in a (micro-)batch, T policy queries (chunks)
-per trajectory, L = T * chunk * dims action tokens per trajectory, V = 256 action bins.
+Shapes: N trajectories in a step, B trajectories in a batch, T policy queries (chunks) per
+trajectory, C chunks in a micro-batch, A = chunk * dims action tokens per query, L = T * A action
+tokens per trajectory, V = 256 action bins.
 """
 
 from __future__ import annotations
@@ -52,6 +53,29 @@ def token_mask(executed: torch.Tensor, dims: int) -> torch.Tensor:
     return executed[..., None].expand(*executed.shape, dims).reshape(b, -1).float()  # [B, L]
 
 
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      clip_low: float = 0.2, clip_high: float = 0.28) -> dict[str, torch.Tensor]:
+    """Per-token clip-higher surrogate to minimise, and what its statistics read. logp, old_logp,
+    mask [R, L] (rows: trajectories or chunks), advantages [R]; masked tokens: ratio 1, zero gradient."""
+    valid = mask > 0  # [R, L]
+    log_ratio = torch.where(valid, logp.float() - old_logp.float(), torch.zeros_like(logp, dtype=torch.float32))
+    ratio = log_ratio.exp()  # [R, L]
+    adv = advantages.float()[:, None]  # [R, 1]
+    pg_unclipped = -adv * ratio  # [R, L]
+    pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [R, L]
+    return {"pg": torch.maximum(pg_unclipped, pg_clipped), "m": valid.to(torch.float32), "ratio": ratio,
+            "log_ratio": log_ratio, "clipped": (pg_clipped > pg_unclipped).float()}  # clipped branch: zero gradient
+
+
+def surrogate_sums(s: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Token sums of the statistics (over valid tokens), to be divided by the sum of `tokens`."""
+    with torch.no_grad():
+        m = s["m"]
+        return {"tokens": float(m.sum()), "clip_fraction": float((s["clipped"] * m).sum()),
+                "ratio_mean": float((s["ratio"] * m).sum()),
+                "approx_kl": float((((s["ratio"] - 1) - s["log_ratio"]) * m).sum())}
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -59,32 +83,28 @@ def grpo_loss(
     mask: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clip-higher PPO/GRPO loss: token-mean per trajectory, then sum / normalizer (default B)."""
-    valid = mask > 0  # [B, L]
-    m = valid.to(torch.float32)  # [B, L]
-    log_ratio = torch.where(valid, logp.float() - old_logp.float(), torch.zeros_like(logp, dtype=torch.float32))
-    ratio = log_ratio.exp()  # [B, L]; masked tokens: ratio 1, zero gradient
-    adv = advantages.float()[:, None]  # [B, 1]
-    pg_unclipped = -adv * ratio  # [B, L]
-    pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, L]
-    pg = torch.maximum(pg_unclipped, pg_clipped)  # [B, L]
-    n_tok = m.sum(-1)  # [B]
-    per_traj = (pg * m).sum(-1) / n_tok.clamp(min=1)  # [B]; 0 for trajectories without valid tokens
-    normalizer = logp.shape[0] if normalizer is None else normalizer
-    loss = per_traj.sum() / normalizer
+    """The GRPO objective (clip-higher PPO surrogate) over whole trajectories [B, L]: token-mean per
+    trajectory, then mean over trajectories. The learner takes it chunk by chunk: grpo_chunk_loss."""
+    s = clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
+    n_tok = s["m"].sum(-1)  # [B]
+    per_traj = (s["pg"] * s["m"]).sum(-1) / n_tok.clamp(min=1)  # [B]; 0 for trajectories without valid tokens
+    sums = surrogate_sums(s)
+    n_all = max(sums.pop("tokens"), 1.0)
+    stats = {k: v / n_all for k, v in sums.items()}
+    stats["adv_mean"] = float(advantages.float().mean()) if advantages.numel() else 0.0
+    return per_traj.mean(), stats
 
-    with torch.no_grad():
-        n_all = m.sum().clamp(min=1)
-        clipped = (pg_clipped > pg_unclipped).float()  # clipped branch active -> zero gradient
-        stats = {
-            "clip_fraction": float((clipped * m).sum() / n_all),
-            "ratio_mean": float((ratio * m).sum() / n_all),
-            "approx_kl": float((((ratio - 1) - log_ratio) * m).sum() / n_all),
-            "adv_mean": float(advantages.float().mean()) if advantages.numel() else 0.0,
-        }
-    return loss, stats
+
+def grpo_chunk_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    weight: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28) -> tuple[torch.Tensor, dict[str, float]]:
+    """The same surrogate over chunks (one policy query each): sum_c weight_c * sum_a pg_ca * mask_ca.
+    logp, old_logp, mask [C, A]; advantages, weight [C] (their trajectory's). With weight = 1 / (the
+    trajectory's valid tokens x B), the sum over every chunk of B trajectories is grpo_loss,
+    however the chunks are split into micro-batches. Returns the loss and surrogate_sums."""
+    s = clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
+    loss = (weight.float() * (s["pg"] * s["m"]).sum(-1)).sum()
+    return loss, surrogate_sums(s)
 
 
 def sft_loss(action_logits: torch.Tensor, target_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -220,6 +220,13 @@ class OpenVLAOFTPolicy(nn.Module):
         for block in blocks:
             block.compile()
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing of every transformer block (towers and LM) by HF's own mechanism,
+        non-reentrant: in training, a block keeps only its input and recomputes the rest in the backward."""
+        for hf in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer, self.language_model):
+            if hf is not None:
+                hf.activation_checkpointing_enable({"use_reentrant": False})
+
     def split_action_head(self) -> None:
         """Train the LM head's 256 action rows as a parameter of their own (the learner calls this).
         action_logits reads no other row, but as one [32064, H] parameter the head costs a zeroed

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from learner.grpo import group_advantages, grpo_loss, keep_group, sft_loss, token_mask
+from learner.grpo import group_advantages, grpo_chunk_loss, grpo_loss, keep_group, sft_loss, token_mask
 from policy.sampling import chosen_log_probs
 
 
@@ -167,28 +167,33 @@ def test_token_mean_per_trajectory_then_mean_over_trajectories():
     assert loss.item() == pytest.approx((-1.1 + 1.0) / 3, rel=1e-5)
 
 
-def test_microbatch_with_normalizer_matches_full_batch():
+def test_chunk_loss_summed_over_any_micro_batches_is_the_trajectory_loss():
+    """The learner's micro-batches hold chunks of A tokens, not trajectories: weighting each chunk by
+    1 / (its trajectory's valid tokens x B) makes their sum grpo_loss, in value and gradient."""
     torch.manual_seed(2)
-    b, l = 6, 10
-    logp = torch.randn(b, l) * 0.3
-    old = logp + torch.randn(b, l) * 0.3  # ratios spread over both clip regions
+    b, t, a = 4, 3, 5  # [B, T, A]: 12 chunks
+    logp = torch.randn(b, t * a) * 0.3
+    old = logp + torch.randn(b, t * a) * 0.3  # ratios spread over both clip regions
     adv = torch.randn(b)
-    mask = (torch.rand(b, l) > 0.3).float()
-    mask[4] = 0  # one empty trajectory
+    mask = (torch.rand(b, t * a) > 0.3).float()
+    mask[2] = 0  # one trajectory without valid tokens: weight irrelevant, still counted in B
     full_x = logp.clone().requires_grad_()
-    full, _ = grpo_loss(full_x, old, adv, mask)
+    full, full_stats = grpo_loss(full_x, old, adv, mask)
     full.backward()
-    micro_x = logp.clone().requires_grad_()
-    total = 0.0
-    for sl in (slice(0, 2), slice(2, 6)):  # uneven split
-        part, _ = grpo_loss(micro_x[sl], old[sl], adv[sl], mask[sl], normalizer=b)
-        part.backward()
-        total += part.item()
+    chunk_x = logp.clone().requires_grad_()
+    rows = lambda x: x.reshape(b * t, a)  # noqa: E731  chunk c of trajectory i is row i * t + c
+    weight = (1.0 / (mask.sum(-1).clamp(min=1) * b)).repeat_interleave(t)  # [B * T]
+    total, sums = 0.0, {}
+    for part in (slice(0, 1), slice(1, 6), slice(6, 12)):  # uneven split, across trajectory boundaries
+        loss, s = grpo_chunk_loss(rows(chunk_x)[part], rows(old)[part], adv.repeat_interleave(t)[part],
+                                  rows(mask)[part], weight[part])
+        loss.backward()
+        total += loss.item()
+        sums = {k: sums.get(k, 0.0) + v for k, v in s.items()}
     assert total == pytest.approx(full.item(), abs=1e-6)
-    torch.testing.assert_close(micro_x.grad, full_x.grad)
-    # default normalizer is the batch size
-    explicit, _ = grpo_loss(logp, old, adv, mask, normalizer=b)
-    assert explicit.item() == pytest.approx(full.item())
+    torch.testing.assert_close(chunk_x.grad, full_x.grad)
+    for k in ("clip_fraction", "ratio_mean", "approx_kl"):
+        assert sums[k] / sums["tokens"] == pytest.approx(full_stats[k], rel=1e-5)
 
 
 def test_loss_stats_hand_values():

@@ -133,7 +133,7 @@ def test_sft_in_one_pass_takes_the_same_step_as_micro_batched(ray_cluster, tiny_
     instructions = ["put the red block in the bowl"] * 8
     results = []
     for micro in ([], ["sft.micro_batch_size=4"]):  # 2 ranks: 4 samples each, in 2 passes or 1
-        cfg = load_config(ROOT / "configs/tiny.yaml", [f"run_dir={tmp_path}", "sft.batch_size=8", "learner.micro_batch_size=2",
+        cfg = load_config(ROOT / "configs/tiny.yaml", [f"run_dir={tmp_path}", "sft.batch_size=8", "learner.micro_batch_chunks=2",
                                                        "sft.lr=0.001", *micro])
         group = LearnerGroup(cfg)
         try:

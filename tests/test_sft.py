@@ -17,7 +17,7 @@ def test_sft_on_expert_demos_lowers_loss_and_succeeds_greedily(ray_cluster, tmp_
 
     cfg = load_config(ROOT / "configs/tiny.yaml", [
         f"run_dir={tmp_path}", f"env.tasks=[{TASK}]", "policy.use_proprio=true", "sft.demos_per_task=20",
-        "sft.steps=300", "sft.lr=0.001", "sft.batch_size=16", "cluster.learner_world_size=1", "learner.micro_batch_size=8",
+        "sft.steps=300", "sft.lr=0.001", "sft.batch_size=16", "cluster.learner_world_size=1", "learner.micro_batch_chunks=8",
         "learner.mini_batch_size=8", "env.max_steps=64",
     ])
     summary = run_sft(cfg, tmp_path / "sft_policy", log=lambda *_: None)
