@@ -118,7 +118,7 @@ class LearnerWorker:
     def weight_member(self) -> dict:
         from actors.weight_group import member_info
 
-        return member_info(self.engine.module.state_dict())
+        return member_info(self.policy.model.state_dict())
 
     def weight_rendezvous(self, timeout_s: float) -> tuple[str, int]:
         """The host and port of the TCPStore every formation of the group meets at (started once)."""
@@ -141,7 +141,7 @@ class LearnerWorker:
             raise RuntimeError(f"weight sync: rank 0 is not in the broadcast group {group_id}")
         try:
             with torch.no_grad():
-                return self.weight_group.send(self.engine.module.state_dict())
+                return self.weight_group.send(self.policy.model.state_dict())
         except Exception:
             self.weight_group = None  # a failed formation is never used again
             raise
