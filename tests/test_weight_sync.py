@@ -121,7 +121,10 @@ def test_a_killed_replica_comes_back_on_the_current_version_and_joins_the_next_b
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 120
         while True:  # Serve replaces it with its constructor arguments: the initial policy, version 0
-            pids = rollout.handle.broadcast("pid").results(timeout_s=60)
+            try:
+                pids = rollout.handle.broadcast("pid").results(timeout_s=60)
+            except ray.exceptions.RayActorError as err:  # the router has not yet heard of its death
+                pids = [str(err)]
             if len(pids) == 2 and victim not in pids:
                 break
             assert time.monotonic() < deadline, f"the killed replica did not come back: {pids}"
@@ -142,3 +145,42 @@ def test_a_killed_replica_comes_back_on_the_current_version_and_joins_the_next_b
     assert [r["version"] for r in after.values()] == [2, 2]
     assert [r["digest"] for r in after.values()] == [learner, learner]
     assert sorted(_loads_since(back, after).values()) == [(1, 0), (1, 0)], "both replicas got version 2 by broadcast"
+
+
+def test_a_broadcast_that_breaks_midway_leaves_every_replica_on_whole_weights(two_replicas, tiny_policy_dir):
+    """The sender stops after one bucket (of zeros) and never sends the rest: each replica has
+    written that bucket into its model, times out on the next one, and reloads the store's copy
+    before it serves again."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from actors.weight_group import GroupSpec, WeightGroup, host_rendezvous, layout, plan_buckets
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = two_replicas
+    trainer = GRPOTrainer(_with_backend(cfg, "collective"), str(tiny_policy_dir), rollout)  # version 0 in the store
+    try:
+        state = ray.get(trainer.learner.publish_weights())
+        before = _replicas(rollout)
+        store, host, port = host_rendezvous(30)
+        spec = GroupSpec(uuid.uuid4().hex, host, port, 3, "gloo", 1 << 20, timeout_s=5)
+        sizes = [state[name].numel() * state[name].element_size() for name, _, _ in layout(state)]
+        first = plan_buckets(sizes, spec.bucket_bytes)[0]
+        # a handle's broadcast goes out when its results are awaited: this process's rank 0 runs beside it
+        with ThreadPoolExecutor(1) as pool:
+            joining = pool.submit(WeightGroup, spec, 0, store)
+            ranks = {r: i + 1 for i, r in enumerate(sorted(before))}
+            assert sorted(rollout.handle.broadcast("join_weight_group", spec, ranks).results(timeout_s=60)) == sorted(before)
+            sender = joining.result(timeout=60)
+            sending = pool.submit(sender._broadcast, torch.zeros(first[-1][2] + first[-1][3], dtype=torch.uint8))
+            with pytest.raises(Exception, match="(?i)timed? ?out"):
+                rollout.handle.broadcast("receive_weights", spec.group_id, 7, "never-published").results(timeout_s=60)
+            sending.result(timeout=60)
+        after = _replicas(rollout)
+    finally:
+        trainer.shutdown()
+    assert [r["version"] for r in after.values()] == [0, 0]
+    assert [r["digest"] for r in after.values()] == [state_digest(state)] * 2
+    assert sorted(_loads_since(before, after).values()) == [(0, 1), (0, 1)], "each reloaded the store's copy"
