@@ -5,8 +5,10 @@ Env workers send the observations of their envs that wait for actions in one req
 env_workers/action_batcher.py); `@serve.batch` groups concurrent requests of all workers into one
 forward pass. Sampling (training) and greedy (eval) requests can share a batch window; they
 are decoded separately. `set_weights` runs on the replica's event loop like the batch handler,
-so a swap can never interleave with a forward pass: a batch sees one version, whole. A replica
-that Serve (re)starts mid-run loads the run's current weights first (services/weight_store.py).
+so a swap can never interleave with a forward pass: a batch sees one version, whole. With
+learner.weight_sync: collective the weights arrive by broadcast instead (`receive_weights`,
+actors/weight_group.py), received on the event loop the same way. A replica that Serve (re)starts
+mid-run loads the run's current weights first (services/weight_store.py).
 """
 
 from __future__ import annotations
