@@ -68,7 +68,8 @@ class CollectiveSync(ObjectStoreSync):
             if group_id is None:
                 return
             sent = self.learner.rank0.send_weights.remote(group_id)
-            handle.broadcast("receive_weights", group_id, version, state_ref.hex()).results(timeout_s=DELIVERY_TIMEOUT_S)
+            received = handle.broadcast("receive_weights", group_id, version, state_ref.hex())
+            received.results(timeout_s=DELIVERY_TIMEOUT_S)
             ray.get(sent, timeout=DELIVERY_TIMEOUT_S)
         except MembersMismatch:
             raise  # no retry helps
@@ -112,16 +113,16 @@ def check_members(sender: dict, members: list[dict]) -> str:
     """The backend for rank 0 (`sender`) and these replicas: NCCL when every member is on a GPU
     (one rank per GPU), gloo otherwise."""
     if any(m["layout"] != sender["layout"] for m in members):
-        raise MembersMismatch("learner.weight_sync: collective: a replica's weights have other names, dtypes or shapes "
-                         "than the learner's; both must load the same policy with the same policy.dtype")
+        raise MembersMismatch("learner.weight_sync: collective: a replica's weights have other names, dtypes or "
+                              "shapes than the learner's; both must load the same policy with the same policy.dtype")
     everyone = [sender, *members]
     if not all(m["device"] == "cuda" for m in everyone):
         return "gloo"
     gpus = [(m["node"], m["gpu"]) for m in everyone]
     if len(set(gpus)) < len(gpus):
-        raise MembersMismatch("learner.weight_sync: collective over NCCL needs every replica and learner rank 0 on a GPU of "
-                         "its own, and two of them share one (cluster.replica_gpus below 1, or colocated roles); "
-                         "use learner.weight_sync: object_store")
+        raise MembersMismatch("learner.weight_sync: collective over NCCL needs every replica and learner rank 0 on "
+                              "a GPU of its own, and two of them share one (cluster.replica_gpus below 1, or colocated "
+                              "roles); use learner.weight_sync: object_store")
     return "nccl"
 
 
