@@ -19,6 +19,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from actors.coordinator import Group, RolloutStats
+from actors.weight_sync import make_weight_sync, serve_weights
 from common.config import RunConfig
 from common.files import reading
 from deploy.runtime import Rollout
@@ -28,7 +29,6 @@ from learner.checkpoints import CheckpointManager, load_trajectories, save_traje
 from learner.grpo import group_advantages
 from learner.group import LearnerGroup
 from learner.lr_schedule import run_progress, scheduled_lr
-from services.policy_service import broadcast_weights
 
 
 @dataclass
@@ -69,6 +69,7 @@ class GRPOTrainer:
         self.coordinator = rollout.coordinator(cfg)
         self.learner = LearnerGroup(cfg)
         self.learner.setup_grpo(policy_path, cfg.seed, loss_term_samples(cfg))
+        self.weight_sync = make_weight_sync(cfg, self.learner, rollout)  # learner.weight_sync
         self.owns_logger = logger is None  # a caller's logger outlives the trainer (the demo's evaluations)
         self.logger = logger or RunLogger(cfg.run_dir, cfg.logging.tensorboard, cfg.logging.console)
         self.ckpt = CheckpointManager(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.keep)
@@ -239,13 +240,13 @@ class GRPOTrainer:
         return {"eval/validation_success": entry["success"], "eval/best_step": self.selector.best["step"]}
 
     def sync_weights(self) -> None:
-        self._serve(self.version, self.learner.publish_weights())
+        """Every replica serves the learner's weights as `self.version` (learner.weight_sync)."""
+        self.weight_sync.sync(self.version)
+        self.served_version = self.version
 
     def _serve(self, version: int, state_ref) -> None:
-        """The store first (a replica that restarts from now on loads these weights), then every replica
-        swaps to them as `version`, and all must report it."""
-        ray.get(self.rollout.weights.publish.remote(version, [state_ref]), timeout=60)
-        broadcast_weights(self.rollout.handle, version, state_ref, self.cfg.cluster.serve_replicas)
+        """Every replica serves the weights of `state_ref` (in the object store) as `version`."""
+        serve_weights(self.rollout, version, state_ref, self.cfg.cluster.serve_replicas)
         self.served_version = version
 
     # --- checkpoints ---------------------------------------------------------------------------

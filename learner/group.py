@@ -36,6 +36,8 @@ class LearnerWorker:
         self.engine = None
         self.loss_terms: list[LossTerm] = []  # learner.loss_terms
         self.term_rng = np.random.default_rng(cfg.seed + rank)  # each rank draws its own term samples
+        self.rendezvous = None  # rank 0, learner.weight_sync collective: (TCPStore, host, port)
+        self.weight_group = None  # ... and its membership in the broadcast group (actors/weight_group.py)
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -112,6 +114,38 @@ class LearnerWorker:
         """Rank 0 puts the full state dict in the object store once; replicas read it by ref."""
         return [ray.put(self.engine.weights())] if self.rank == 0 else []
 
+    # --- learner.weight_sync: collective (rank 0 only; actors/weight_sync.py drives these) ----------
+    def weight_member(self) -> dict:
+        from actors.weight_group import member_info
+
+        return member_info(self.policy.model.state_dict())
+
+    def weight_rendezvous(self, timeout_s: float) -> tuple[str, int]:
+        """The host and port of the TCPStore every formation of the group meets at (started once)."""
+        from actors.weight_group import host_rendezvous
+
+        if self.rendezvous is None:
+            self.rendezvous = host_rendezvous(timeout_s)
+        return self.rendezvous[1:]
+
+    def join_weight_group(self, spec) -> str:
+        from actors.weight_group import WeightGroup
+
+        self.weight_group = None
+        self.weight_group = WeightGroup(spec, 0, self.rendezvous[0])
+        return spec.group_id
+
+    def send_weights(self, group_id: str) -> int:
+        """Broadcast the current weights to the members of `group_id`; the bytes sent."""
+        if self.weight_group is None or self.weight_group.spec.group_id != group_id:
+            raise RuntimeError(f"weight sync: rank 0 is not in the broadcast group {group_id}")
+        try:
+            with torch.no_grad():
+                return self.weight_group.send(self.policy.model.state_dict())
+        except Exception:
+            self.weight_group = None  # a failed formation is never used again
+            raise
+
     def save_policy(self, folder: str) -> None:
         if self.rank == 0:
             from policy.checkpoint import save_policy
@@ -169,6 +203,11 @@ class LearnerGroup:
 
     def publish_weights(self):
         return ray.get(self.workers[0].publish_weights.remote(), timeout=self.timeout)[0]
+
+    @property
+    def rank0(self):
+        """The rank that publishes and broadcasts the weights."""
+        return self.workers[0]
 
     def save_policy(self, folder: str) -> None:
         ray.get(self.workers[0].save_policy.remote(str(folder)), timeout=self.timeout)

@@ -5,12 +5,15 @@ Env workers send the observations of their envs that wait for actions in one req
 env_workers/action_batcher.py); `@serve.batch` groups concurrent requests of all workers into one
 forward pass. Sampling (training) and greedy (eval) requests can share a batch window; they
 are decoded separately. `set_weights` runs on the replica's event loop like the batch handler,
-so a swap can never interleave with a forward pass: a batch sees one version, whole. A replica
-that Serve (re)starts mid-run loads the run's current weights first (services/weight_store.py).
+so a swap can never interleave with a forward pass: a batch sees one version, whole. With
+learner.weight_sync: collective the weights arrive by broadcast instead (`receive_weights`,
+actors/weight_group.py), received on the event loop the same way. A replica that Serve (re)starts
+mid-run loads the run's current weights first (services/weight_store.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import zlib
@@ -43,11 +46,11 @@ class PolicyDeployment:
         if cfg.compile:  # compiles lazily, once per batch shape, on the first requests
             self.policy.model.compile_blocks()
         self.version = version
+        self.weights_id: str | None = None  # the object-store copy this replica's weights equal
+        self.weight_group = None  # actors/weight_group.py: WeightGroup, once the driver forms one
+        self.loads = {"object_store": 0, "collective": 0}  # how this replica got its weights, so far
         # a replica that (re)starts after the run published weights serves those, not its initial ones
-        current, state_ref = current_weights(APP_NAME)
-        if current is not None:
-            self.policy.model.load_state_dict(ray.get(state_ref, timeout=300), strict=True)
-            self.version = current
+        self._load_current()
         replica = serve.get_replica_context().replica_id.unique_id
         self.generator = torch.Generator(device=self.policy.device).manual_seed(seed * 1_000_003 + zlib.crc32(replica.encode()))
         self.act_batch.set_max_batch_size(max_batch_size)
@@ -90,12 +93,66 @@ class PolicyDeployment:
     async def act(self, observation: Observation, temperature: float = 1.6, greedy: bool = False) -> ActionChunk:
         return (await self.act_batch(([observation], temperature, greedy)))[0]
 
+    def _load_current(self) -> None:
+        """The weights the run serves now (services/weight_store.py), if it published any."""
+        current, state_ref = current_weights(APP_NAME)
+        if current is not None:
+            self.policy.model.load_state_dict(ray.get(state_ref, timeout=300), strict=True)
+            self.version, self.weights_id = current, state_ref.hex()
+            self.loads["object_store"] += 1
+
     async def set_weights(self, version: int, state_ref_holder: list) -> int:
         """Swap to `version`. The state dict arrives by object-store ref (wrapped in a list so Serve
-        passes the ref, not the value); loading it is synchronous, hence atomic w.r.t. batches."""
-        state = ray.get(state_ref_holder[0])
-        self.policy.model.load_state_dict(state, strict=True)
+        passes the ref, not the value); loading it is synchronous, hence atomic w.r.t. batches. A
+        replica that holds these weights already (a collective broadcast delivered them) only
+        takes the version."""
+        state_ref = state_ref_holder[0]
+        if state_ref.hex() != self.weights_id:
+            self.policy.model.load_state_dict(ray.get(state_ref, timeout=300), strict=True)
+            self.weights_id = state_ref.hex()
+            self.loads["object_store"] += 1
         self.version = version
+        return version
+
+    # --- learner.weight_sync: collective (actors/weight_sync.py drives these) ---------------------
+    async def weight_member(self) -> dict:
+        """Who this replica is and which formation of the broadcast group it is in."""
+        from actors.weight_group import member_info
+
+        group = self.weight_group
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "group": group.spec.group_id if group is not None else None,
+                **member_info(self.policy.model.state_dict())}
+
+    async def join_weight_group(self, spec, ranks: dict[str, int]) -> str | None:
+        """Join the formation `spec` under this replica's rank in `ranks` (None: started after the
+        driver counted the members; it joins the next one). The old formation is dropped."""
+        from actors.weight_group import WeightGroup
+
+        rank = ranks.get(serve.get_replica_context().replica_id.unique_id)
+        self.weight_group = None
+        if rank is None:
+            return None
+        # off the event loop: batches go on while the members connect
+        self.weight_group = await asyncio.to_thread(WeightGroup, spec, rank)
+        return serve.get_replica_context().replica_id.unique_id
+
+    async def receive_weights(self, group_id: str, version: int, weights_id: str) -> int | None:
+        """Receive rank 0's broadcast into the model and swap to `version`. Synchronous on the event
+        loop like set_weights, so no batch runs on half-received weights; a broadcast that fails
+        midway is repaired from the object-store copy (published before the broadcast) before the
+        loop runs a batch again. None: not a member of `group_id` (set_weights delivers instead)."""
+        group = self.weight_group
+        if group is None or group.spec.group_id != group_id:
+            return None
+        try:
+            group.receive(self.policy.model.state_dict())
+        except Exception:
+            self.weight_group = None
+            self._load_current()
+            raise
+        self.version, self.weights_id = version, weights_id
+        self.loads["collective"] += 1
         return version
 
     async def get_version(self) -> int:
@@ -112,9 +169,17 @@ class PolicyDeployment:
     async def weights_checksum(self) -> float:
         return float(sum(p.double().sum() for p in self.policy.model.state_dict().values()))
 
+    async def weights_digest(self) -> tuple[str, str]:
+        """(replica id, a digest of every byte of the served weights): replicas with equal digests
+        serve bitwise equal weights (actors/weight_group.py: state_digest)."""
+        from actors.weight_group import state_digest
+
+        return serve.get_replica_context().replica_id.unique_id, state_digest(self.policy.model.state_dict())
+
     async def stats(self) -> dict:
         return {"version": self.version, "served": self.served, "batches": self.batches,
-                "mean_batch_size": self.served / max(self.batches, 1)}
+                "mean_batch_size": self.served / max(self.batches, 1), "weight_loads": dict(self.loads),
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
 
 def start_policy_service(policy_path: str, cluster_cfg, policy_cfg, seed: int = 0):

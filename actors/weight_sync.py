@@ -1,0 +1,131 @@
+"""How the learner's weights reach the Serve replicas after an update (learner.weight_sync).
+
+Every backend runs the same three steps, and differs only in the second:
+1. rank 0 puts the state dict in the object store once, and the WeightStore records it with its
+   version (services/weight_store.py): a replica that (re)starts loads it before it serves;
+2. `deliver`: object_store does nothing more here; collective broadcasts the weights over a
+   process group of rank 0 and the replicas (actors/weight_group.py);
+3. `broadcast_weights` calls set_weights(version, ref) on every replica until all report the
+   version. A replica that holds that copy already (step 2 delivered it) only takes the version;
+   any other (started meanwhile, or the broadcast failed) loads it from the object store.
+Step 3 is what makes a failed or partial delivery safe, so a new backend only writes `deliver`.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import ray
+
+from actors.weight_group import GroupSpec
+from common.config import RunConfig
+from services.policy_service import broadcast_weights
+
+GROUP_TIMEOUT_S = 60.0  # a formation's rendezvous, and each bucket's broadcast
+DELIVERY_TIMEOUT_S = 600.0  # the whole broadcast, every bucket to every replica
+
+
+def serve_weights(rollout, version: int, state_ref, replicas: int) -> None:
+    """Steps 1 (the store) and 3 for weights already in the object store, e.g. a validated policy."""
+    ray.get(rollout.weights.publish.remote(version, [state_ref]), timeout=60)
+    broadcast_weights(rollout.handle, version, state_ref, replicas)
+
+
+class ObjectStoreSync:
+    """learner.weight_sync object_store: every replica fetches rank 0's copy from the object store."""
+
+    def __init__(self, cfg: RunConfig, learner, rollout):
+        self.cfg, self.learner, self.rollout = cfg, learner, rollout
+
+    def sync(self, version: int) -> None:
+        state_ref = self.learner.publish_weights()
+        ray.get(self.rollout.weights.publish.remote(version, [state_ref]), timeout=60)
+        self.deliver(version, state_ref)
+        broadcast_weights(self.rollout.handle, version, state_ref, self.cfg.cluster.serve_replicas)
+
+    def deliver(self, version: int, state_ref) -> None:
+        """Nothing: the replicas load `state_ref` in set_weights."""
+
+
+class CollectiveSync(ObjectStoreSync):
+    """learner.weight_sync collective: rank 0 broadcasts to the replicas of the current formation.
+
+    A formation is rank 0 plus the replicas that are up when a sync begins. It is kept while they
+    stay the same; when one died and Serve replaced it (a new replica id), or one is missing, or a
+    broadcast failed, the next sync forms a new one with whoever is up then. A replica outside the
+    formation has the current weights all the same: from the store when it started, or from step 3.
+    """
+
+    def __init__(self, cfg: RunConfig, learner, rollout):
+        super().__init__(cfg, learner, rollout)
+        self.group_id: str | None = None
+        self.members: list[str] = []  # replica ids of the formation, sorted
+
+    def deliver(self, version: int, state_ref) -> None:
+        handle = self.rollout.handle
+        try:
+            group_id = self.formation()
+            if group_id is None:
+                return
+            sent = self.learner.rank0.send_weights.remote(group_id)
+            received = handle.broadcast("receive_weights", group_id, version, state_ref.hex())
+            received.results(timeout_s=DELIVERY_TIMEOUT_S)
+            ray.get(sent, timeout=DELIVERY_TIMEOUT_S)
+        except MembersMismatch:
+            raise  # no retry helps
+        except Exception as err:  # a member died or timed out: its formation is never used again
+            self.group_id = None
+            cause = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+            print(f"weight sync: the collective broadcast of version {version} failed ({cause}); the replicas "
+                  f"load it from the object store, and the next sync forms a new group", flush=True)
+
+    def formation(self) -> str | None:
+        """The id of a formation of rank 0 and every replica up now: the current one when they are
+        its members, else a new one. None when no replica is up."""
+        members = self.rollout.handle.broadcast("weight_member").results(timeout_s=GROUP_TIMEOUT_S)
+        ids = sorted(m["replica"] for m in members)
+        if self.group_id is not None and ids == self.members and all(m["group"] == self.group_id for m in members):
+            return self.group_id
+        self.group_id = None
+        if not members:
+            return None
+        rank0 = self.learner.rank0
+        backend = check_members(ray.get(rank0.weight_member.remote(), timeout=GROUP_TIMEOUT_S), members)
+        host, port = ray.get(rank0.weight_rendezvous.remote(GROUP_TIMEOUT_S), timeout=GROUP_TIMEOUT_S)
+        spec = GroupSpec(uuid.uuid4().hex, host, port, len(ids) + 1, backend,
+                         self.cfg.learner.weight_sync_bucket_mb << 20, GROUP_TIMEOUT_S)
+        # rank 0 and the replicas join at once: each join waits for all the others
+        joined0 = rank0.join_weight_group.remote(spec)
+        joined = self.rollout.handle.broadcast("join_weight_group", spec, {r: i + 1 for i, r in enumerate(ids)})
+        joined = joined.results(timeout_s=GROUP_TIMEOUT_S + 30)
+        ray.get(joined0, timeout=GROUP_TIMEOUT_S + 30)
+        if sorted(j for j in joined if j is not None) != ids:
+            raise RuntimeError(f"the replicas changed while the group formed ({ids} -> {joined})")
+        self.group_id, self.members = spec.group_id, ids
+        return spec.group_id
+
+
+class MembersMismatch(ValueError):
+    """The members cannot form a group at all; the message names what to change."""
+
+
+def check_members(sender: dict, members: list[dict]) -> str:
+    """The backend for rank 0 (`sender`) and these replicas: NCCL when every member is on a GPU
+    (one rank per GPU), gloo otherwise."""
+    if any(m["layout"] != sender["layout"] for m in members):
+        raise MembersMismatch("learner.weight_sync: collective: a replica's weights have other names, dtypes or "
+                              "shapes than the learner's; both must load the same policy with the same policy.dtype")
+    everyone = [sender, *members]
+    if not all(m["device"] == "cuda" for m in everyone):
+        return "gloo"
+    gpus = [(m["node"], m["gpu"]) for m in everyone]
+    if len(set(gpus)) < len(gpus):
+        raise MembersMismatch("learner.weight_sync: collective over NCCL needs every replica and learner rank 0 on "
+                              "a GPU of its own, and two of them share one (cluster.replica_gpus below 1, or colocated "
+                              "roles); use learner.weight_sync: object_store")
+    return "nccl"
+
+
+def make_weight_sync(cfg: RunConfig, learner, rollout) -> ObjectStoreSync:
+    backends = {"object_store": ObjectStoreSync, "collective": CollectiveSync}
+    return backends[cfg.learner.weight_sync](cfg, learner, rollout)
