@@ -6,11 +6,12 @@ seeded initial state, so GRPO groups can roll out the same start n times.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from common.config import InitStateConfig
+from common.config import EnvConfig, InitStateConfig
 from common.records import ChunkResult, Observation, StepResult
 
 Split = Literal["train", "eval"]
@@ -24,6 +25,42 @@ def split_init_states(cfg: InitStateConfig, split: Split) -> list[int]:
     if split == "eval":
         return list(range(cfg.num_train, cfg.num_train + cfg.num_eval))
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+def configured_tasks(cfg: EnvConfig, backend: str, suite_tasks: Callable[[str], list[str]],
+                     check_task: Callable[[str], object]) -> list[str]:
+    """The tasks a backend's env runs: `env.tasks`, or its whole suite. Fails at construction on a
+    wrong backend, suite or task name (`check_task` raises naming the known tasks)."""
+    if cfg.backend != backend:
+        raise ValueError(f"this env needs env.backend {backend!r}, got {cfg.backend!r}")
+    try:
+        suite = suite_tasks(cfg.suite)
+    except ValueError as e:
+        raise ValueError(f"env.suite: {e}") from None
+    names = list(cfg.tasks) if cfg.tasks else suite
+    for n in [*names, *cfg.task_max_steps]:
+        check_task(n)
+    return names
+
+
+def apply_chunk(actions: np.ndarray, action_dim: int, apply: Callable[[np.ndarray], None],
+                render: Callable[[], np.ndarray] | None, done: Callable[[], bool]) -> tuple[int, list | None]:
+    """Physics for every action of a chunk until the episode ends, rendering only where `render` is
+    given (videos: after each action); the policy reads one image per chunk, and a render costs
+    several physics steps. -> (steps applied, frames or None)."""
+    actions = np.asarray(actions)
+    if actions.ndim != 2 or len(actions) == 0:
+        raise ValueError(f"actions must be [k, {action_dim}] with k >= 1, got shape {actions.shape}")
+    frames: list[np.ndarray] | None = [] if render is not None else None
+    steps = 0
+    for action in actions:
+        apply(action)
+        steps += 1
+        if frames is not None:
+            frames.append(render())
+        if done():
+            break
+    return steps, frames
 
 
 @runtime_checkable

@@ -3,13 +3,11 @@ GRPO step (Serve replica, one env worker hosting 2 LIBERO envs, coordinator, 2-r
 
 import json
 
-import numpy as np
 import pytest
-import ray
 
 pytest.importorskip("libero", reason="LIBERO is installed by `make setup`")
 
-from common.config_loading import load_config  # noqa: E402
+from tests.backend_pipeline import check_one_grpo_step, check_trajectories, start_pipeline  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 TASK = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
@@ -39,38 +37,14 @@ def test_eval_cli_reports_every_state_and_which_were_training_states(ray_cluster
 
 @pytest.fixture(scope="module")
 def pipeline(ray_cluster, tiny_policy_dir, tmp_path_factory):
-    from deploy.runtime import Rollout
-
-    cfg = load_config(ROOT / "configs/tiny.yaml", [*LIBERO, f"run_dir={tmp_path_factory.mktemp('run')}", "env.max_steps=16",
-                                                   "env.init_states.num_train=25", "env.init_states.num_eval=25",
-                                                   "rollout.min_group_success=0.0", "checkpoint.every=100"])
-    rollout = Rollout.start(cfg, str(tiny_policy_dir))
+    cfg, rollout = start_pipeline(LIBERO, tiny_policy_dir, tmp_path_factory.mktemp("run"))
     yield cfg, rollout
     rollout.shutdown()
 
 
 def test_one_grpo_step_on_libero_end_to_end(pipeline, tiny_policy_dir):
-    from deploy.train import GRPOTrainer
-
-    cfg, rollout = pipeline
-    assert rollout.task_info[TASK]["train"] == list(range(25)) and rollout.task_info[TASK]["eval"] == list(range(25, 50))
-    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
-    try:
-        scalars = trainer.train_step()
-    finally:
-        trainer.shutdown()
-    assert scalars["rollout/episodes"] >= cfg.rollout.groups_per_batch * cfg.rollout.group_size
-    assert np.isfinite(scalars["train/loss"]) and scalars["policy/version"] == 1
-    assert rollout.handle.broadcast("get_version").results(timeout_s=30) == [1] * cfg.cluster.serve_replicas
+    check_one_grpo_step(*pipeline, tiny_policy_dir, TASK)
 
 
 def test_libero_trajectories_hold_the_rendered_frames_and_stop_at_the_limit(pipeline):
-    from actors.env_pool import Episode
-
-    cfg, rollout = pipeline
-    results = rollout.pool.run_all([Episode(TASK, s, 1.6, False) for s in (0, 0)], timeout_s=300)
-    trajs = [ray.get(done.ref) for done in results]
-    for done, traj in zip(results, trajs):
-        assert traj.images.shape[1:] == (64, 64, 3) and traj.images.dtype == np.uint8
-        assert traj.executed.sum() == done.meta.env_steps == cfg.env.max_steps and not traj.success
-    np.testing.assert_array_equal(trajs[0].images[0], trajs[1].images[0])  # same init state, same first frame
+    check_trajectories(*pipeline, TASK, init_state=0)

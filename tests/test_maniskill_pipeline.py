@@ -4,11 +4,11 @@ that ships for ManiSkill."""
 
 import numpy as np
 import pytest
-import ray
 
 pytest.importorskip("mani_skill", reason="ManiSkill is installed by `make setup`")
 
 from common.config_loading import load_config  # noqa: E402
+from tests.backend_pipeline import check_one_grpo_step, check_trajectories, start_pipeline  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 TASK = "PushCube-v1"
@@ -29,41 +29,17 @@ def test_maniskill_config_loads_and_names_real_tasks():
 
 @pytest.fixture(scope="module")
 def pipeline(ray_cluster, tiny_policy_dir, tmp_path_factory):
-    from deploy.runtime import Rollout
-
-    cfg = load_config(ROOT / "configs/tiny.yaml", [*MANISKILL, f"run_dir={tmp_path_factory.mktemp('run')}", "env.max_steps=16",
-                                                   "env.init_states.num_train=25", "env.init_states.num_eval=25",
-                                                   "rollout.min_group_success=0.0", "checkpoint.every=100"])
-    rollout = Rollout.start(cfg, str(tiny_policy_dir))
+    cfg, rollout = start_pipeline(MANISKILL, tiny_policy_dir, tmp_path_factory.mktemp("run"))
     yield cfg, rollout
     rollout.shutdown()
 
 
 def test_one_grpo_step_on_maniskill_end_to_end(pipeline, tiny_policy_dir):
-    from deploy.train import GRPOTrainer
-
-    cfg, rollout = pipeline
-    assert rollout.task_info[TASK]["train"] == list(range(25)) and rollout.task_info[TASK]["eval"] == list(range(25, 50))
-    trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
-    try:
-        scalars = trainer.train_step()
-    finally:
-        trainer.shutdown()
-    assert scalars["rollout/episodes"] >= cfg.rollout.groups_per_batch * cfg.rollout.group_size
-    assert np.isfinite(scalars["train/loss"]) and scalars["policy/version"] == 1
-    assert rollout.handle.broadcast("get_version").results(timeout_s=30) == [1] * cfg.cluster.serve_replicas
+    check_one_grpo_step(*pipeline, tiny_policy_dir, TASK)
 
 
 def test_maniskill_trajectories_hold_the_rendered_frames_and_stop_at_the_limit(pipeline):
-    from actors.env_pool import Episode
-
-    cfg, rollout = pipeline
-    results = rollout.pool.run_all([Episode(TASK, s, 1.6, False) for s in (3, 3)], timeout_s=300)
-    trajs = [ray.get(done.ref) for done in results]
-    for done, traj in zip(results, trajs):
-        assert traj.images.shape[1:] == (64, 64, 3) and traj.images.dtype == np.uint8
-        assert traj.executed.sum() == done.meta.env_steps == cfg.env.max_steps and not traj.success
-    np.testing.assert_array_equal(trajs[0].images[0], trajs[1].images[0])  # same init state, same first frame
+    check_trajectories(*pipeline, TASK, init_state=3)
 
 
 def test_sft_on_maniskill_asks_for_a_dataset(tmp_path):

@@ -26,7 +26,7 @@ import numpy as np
 
 from common.config import EnvConfig
 from common.records import ChunkResult, Observation, StepResult
-from env_workers.api import Split, split_init_states
+from env_workers.api import Split, apply_chunk, configured_tasks, split_init_states
 from env_workers.maniskill import conventions
 from env_workers.maniskill.bootstrap import check_offline, ensure_maniskill
 from env_workers.maniskill.tasks import CAMERA, ROBOT, ManiSkillTask, get_task, suite_tasks
@@ -36,15 +36,7 @@ class ManiSkillEnv:
     action_dim = 7
 
     def __init__(self, cfg: EnvConfig):
-        if cfg.backend != "maniskill":
-            raise ValueError(f"ManiSkillEnv needs env.backend 'maniskill', got {cfg.backend!r}")
-        try:
-            suite = suite_tasks(cfg.suite)
-        except ValueError as e:
-            raise ValueError(f"env.suite: {e}") from None
-        names = list(cfg.tasks) if cfg.tasks else suite
-        for n in [*names, *cfg.task_max_steps]:
-            get_task(cfg.suite, n)  # fail at construction on a typo, naming the known tasks
+        names = configured_tasks(cfg, "maniskill", suite_tasks, lambda n: get_task(cfg.suite, n))
         self.render_backend = ensure_maniskill()
         self.cfg = cfg
         self._names = names
@@ -88,19 +80,9 @@ class ManiSkillEnv:
 
     def step_chunk(self, actions: np.ndarray, keep_frames: bool = False) -> ChunkResult:
         """Physics for every action, rendering only after the last one (or after each for videos)."""
-        actions = np.asarray(actions)
-        if actions.ndim != 2 or len(actions) == 0:
-            raise ValueError(f"actions must be [k, {self.action_dim}] with k >= 1, got shape {actions.shape}")
-        frames: list[np.ndarray] | None = [] if keep_frames else None
-        steps = 0
-        for action in actions:
-            self._apply(action)
-            steps += 1
-            if frames is not None:
-                frames.append(self.render())
-            if self._done:
-                break
-        obs = self.observe(frames[-1] if frames else None)
+        steps, frames = apply_chunk(actions, self.action_dim, self._apply, self.render if keep_frames else None,
+                                    lambda: self._done)
+        obs = self.observe(frames[-1] if frames else None)  # a video's last frame is the observation
         return ChunkResult(observation=obs, success=self.success, done=self._done, steps=steps, frames=frames)
 
     def close(self) -> None:

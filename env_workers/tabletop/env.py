@@ -22,7 +22,7 @@ import numpy as np
 
 from common.config import EnvConfig
 from common.records import ChunkResult, Observation, StepResult
-from env_workers.api import Split, split_init_states
+from env_workers.api import Split, apply_chunk, configured_tasks, split_init_states
 from env_workers.tabletop.scene import EE_HIGH, EE_LOW, Sim
 from env_workers.tabletop.tasks import Layout, TaskSpec, get_task, suite_tasks
 
@@ -36,15 +36,7 @@ class TabletopEnv:
     action_dim = 7
 
     def __init__(self, cfg: EnvConfig):
-        if cfg.backend != "tabletop":
-            raise ValueError(f"TabletopEnv needs env.backend 'tabletop', got {cfg.backend!r}")
-        try:
-            suite = suite_tasks(cfg.suite)
-        except ValueError as e:
-            raise ValueError(f"env.suite: {e}") from None
-        names = list(cfg.tasks) if cfg.tasks else suite
-        for n in [*names, *cfg.task_max_steps]:
-            get_task(n)  # fail at construction on a typo, naming the known tasks
+        names = configured_tasks(cfg, "tabletop", suite_tasks, get_task)
         self.cfg = cfg
         self._names = names
         self._sims: dict[str, Sim] = {}  # one per layout, built on first use
@@ -83,18 +75,8 @@ class TabletopEnv:
     def step_chunk(self, actions: np.ndarray, keep_frames: bool = False) -> ChunkResult:
         """Physics for every action, rendering only after the last one (or after each for videos):
         a render costs ~3x the physics of a step and the policy reads one image per chunk."""
-        actions = np.asarray(actions)
-        if actions.ndim != 2 or len(actions) == 0:
-            raise ValueError(f"actions must be [k, {self.action_dim}] with k >= 1, got shape {actions.shape}")
-        frames: list[np.ndarray] | None = [] if keep_frames else None
-        steps = 0
-        for action in actions:
-            self._apply(action)
-            steps += 1
-            if frames is not None:
-                frames.append(self.render())
-            if self._done:
-                break
+        steps, frames = apply_chunk(actions, self.action_dim, self._apply, self.render if keep_frames else None,
+                                    lambda: self._done)
         obs = self.observe(frames[-1] if frames else None)  # a video's last frame is the observation
         return ChunkResult(observation=obs, success=self.success, done=self._done, steps=steps, frames=frames)
 
