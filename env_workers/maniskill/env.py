@@ -115,6 +115,18 @@ class ManiSkillEnv:
         rgb = camera.get_obs(rgb=True, depth=False, position=False, segmentation=False)["rgb"]
         return np.ascontiguousarray(rgb[0].cpu().numpy())
 
+    @property
+    def episode_over(self) -> bool:
+        return self._done
+
+    def apply_action(self, action: np.ndarray) -> None:
+        """`step` without the observation: physics and the success check only (expert measurements)."""
+        self._apply(action)
+
+    def sim_state(self) -> np.ndarray:
+        """ManiSkill's flat sim state (every actor and articulation), for the demo files' `states`."""
+        return self.sim.get_state()[0].cpu().numpy().astype(np.float64)
+
     def check_success(self) -> bool:
         """Re-evaluate the task's success now (after tests edit the sim state)."""
         return bool(self.sim.evaluate()["success"][0])
