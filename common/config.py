@@ -305,6 +305,21 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
+    def _policy_fits_the_env(self):
+        """The policy's action head and proprio input must have the env's dims (7 / 8 per arm)."""
+        from env_workers.factory import env_action_dims, env_proprio_dim
+
+        dims, proprio = env_action_dims(self.env), env_proprio_dim(self.env)
+        where = f"env.backend {self.env.backend!r} suite {self.env.suite!r}"
+        if self.policy.action_dims != dims:
+            raise ValueError(f"policy.action_dims {self.policy.action_dims} does not match the {dims} action dims of "
+                             f"{where}; set policy.action_dims={dims}")
+        if self.policy.use_proprio and self.policy.proprio_dim != proprio:
+            raise ValueError(f"policy.proprio_dim {self.policy.proprio_dim} does not match the {proprio} proprio dims "
+                             f"of {where}; set policy.proprio_dim={proprio}")
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits_into_minibatches(self):
         batch = self.rollout.groups_per_batch * self.rollout.group_size
         if batch % self.learner.mini_batch_size:

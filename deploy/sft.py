@@ -1,6 +1,7 @@
 """`vla-grpo sft CONFIG`: supervised warm start on demonstrations, through the same DeepSpeed
 learner group that GRPO uses. Demos come from `sft.dataset` (robomimic/LIBERO HDF5 files) or, when
-unset, are recorded from the built-in scripted experts on train initial states."""
+unset, are recorded from the backend's experts (tabletop: scripted; maniskill: motion planners) on train
+initial states."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def demo_folder(cfg: RunConfig) -> Path:
             raise ValueError(f"sft.dataset {cfg.sft.dataset}: demos recorded with env.control {sorted(controls)}, "
                              f"but this run has env.control {cfg.env.control!r}; their actions would be misread")
         return Path(cfg.sft.dataset)
-    if cfg.env.backend != "tabletop":
-        raise ValueError(f"sft.dataset: scripted experts exist for the tabletop backend only; give the HDF5 demos "
-                         f"of the {cfg.env.backend} tasks as sft.dataset=DIR")
+    if cfg.env.backend not in ("tabletop", "maniskill"):
+        raise ValueError(f"sft.dataset: experts exist for the tabletop and maniskill backends only; give the HDF5 "
+                         f"demos of the {cfg.env.backend} tasks as sft.dataset=DIR")
     from env_workers.factory import make_env
 
     folder = Path(cfg.run_dir) / "demos"
@@ -62,10 +63,10 @@ def load_demos(cfg: RunConfig) -> list:
     if not demos:
         raise RuntimeError("no demonstrations found for SFT")
     if cfg.env.backend in ("libero", "maniskill"):  # their files store LIBERO's gripper; OpenVLA policies speak RLDS's
-        from env_workers.libero.conventions import libero_to_openvla
+        from env_workers.maniskill.conventions import env_to_openvla  # LIBERO's conversion, per arm
 
         for d in demos:
-            d.actions = libero_to_openvla(d.actions)
+            d.actions = env_to_openvla(d.actions)
     return demos
 
 
@@ -86,12 +87,13 @@ def loss_term_samples(cfg: RunConfig) -> dict[str, DemoSamples]:
 
 def run_sft(cfg: RunConfig, out_folder: Path, log=print) -> dict:
     from env_workers.demos import dataset_statistics
-    from env_workers.factory import env_scaled_action_dims
+    from env_workers.factory import env_gripper_dims, env_scaled_action_dims
     from policy.checkpoint import initial_policy, save_policy
 
     demos = load_demos(cfg)
     key = cfg.policy.unnorm_key or cfg.env.suite
-    norm_stats = {key: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env))}
+    norm_stats = {key: dataset_statistics(demos, scaled_dims=env_scaled_action_dims(cfg.env),
+                                          gripper_dims=env_gripper_dims(cfg.env))}
     policy = initial_policy(cfg.policy, norm_stats, seed=cfg.seed)
     samples = demo_samples(cfg, demos)
     if not policy.uses_proprio:

@@ -5,7 +5,7 @@ Layout, one file per task (`<task>_demo.hdf5`), as LIBERO ships it:
   data.attrs: problem_info (JSON with language_instruction), env_args (JSON), total, num_demos,
               macros_image_convention ("opencv" = upright rows; LIBERO's own files say "opengl")
   data/demo_N/obs/{agentview_rgb [T,H,W,3] uint8, ee_pos [T,3], ee_ori [T,3], gripper_states [T,2]}
-  data/demo_N/{actions [T,7] float32, dones [T] uint8, rewards [T] float32, states [T,S] float64}
+  data/demo_N/{actions [T,7 per arm] float32, dones [T] uint8, rewards [T] float32, states [T,S] float64}
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ from common.files import reading
 PROPRIO_KEYS = ("ee_pos", "ee_ori", "gripper_states")  # concatenated: LIBERO / OpenVLA-OFT's 8-dim proprio
 
 
+class ExpertFailed(RuntimeError):
+    """The expert cannot act from this initial state (e.g. the motion planner finds no path)."""
+
+
 @dataclass
 class Demo:
     task: str
     instruction: str
     images: np.ndarray  # [T, H, W, 3] uint8, upright
-    actions: np.ndarray  # [T, 7] float32; actions[t] was taken after seeing images[t]
+    actions: np.ndarray  # [T, 7 per arm] float32; actions[t] was taken after seeing images[t]
     proprio: np.ndarray | None = None  # [T, 8] float32
     init_state: int | None = None
     states: np.ndarray | None = None  # [T, nq + nv] sim state before each action (replay / debugging)
@@ -46,42 +50,71 @@ def record_demos(
     out_dir: str | Path | None = None,
     seed: int = 0,
 ) -> list[Demo]:
-    """Run the scripted expert and keep its successful episodes.
+    """Run the backend's expert and keep its successful episodes.
 
     `init_states`: indices per task, one list for every task, or a count n (the first n expert
     successes over the task's train states, in order). Writes `<task>_demo.hdf5` files when
-    `out_dir` is given. Needs the tabletop backend (its experts read the sim state).
+    `out_dir` is given. Experts: the tabletop's scripted ones (they read the sim state) and, for
+    env.backend maniskill, ManiSkill's motion planners in our control mode (maniskill/experts.py).
     """
-    from env_workers.tabletop.experts import ScriptedExpert
-
+    tasks = list(tasks)
+    expert = _make_expert(env, tasks, seed)
     demos: list[Demo] = []
-    for task in tasks:
-        if isinstance(init_states, int):
-            candidates, want = env.init_states(task, "train"), init_states
-        else:
-            candidates = init_states[task] if isinstance(init_states, Mapping) else init_states
-            want = len(candidates)
-        got = 0
-        for i in candidates:
-            if got >= want:
-                break
-            demo = _record_one(env, ScriptedExpert(env, seed=seed), task, int(i))
-            if demo is not None:
-                demos.append(demo)
-                got += 1
+    try:
+        for task in tasks:
+            if isinstance(init_states, int):
+                candidates, want = env.init_states(task, "train"), init_states
+            else:
+                candidates = init_states[task] if isinstance(init_states, Mapping) else init_states
+                want = len(candidates)
+            got = 0
+            for i in candidates:
+                if got >= want:
+                    break
+                demo = _record_one(env, expert, task, int(i))
+                if demo is not None:
+                    demos.append(demo)
+                    got += 1
+    finally:
+        if hasattr(expert, "close"):
+            expert.close()
     if out_dir is not None:
         write_demos(demos, out_dir, env_args=_env_args(env))
     return demos
 
 
+def _make_expert(env, tasks: Sequence[str], seed: int):
+    backend = getattr(getattr(env, "cfg", None), "backend", "tabletop")
+    if backend == "maniskill":
+        from env_workers.maniskill.experts import EXPERT_TASKS, PlannerExpert
+
+        missing = [t for t in tasks if t not in EXPERT_TASKS]
+        if missing:
+            raise ValueError(f"no ManiSkill expert reaches 90 % on {missing} (docs/maniskill.md); record demos of "
+                             f"env.tasks within {list(EXPERT_TASKS)} or give sft.dataset=DIR")
+        return PlannerExpert(env)
+    from env_workers.tabletop.experts import ScriptedExpert
+
+    return ScriptedExpert(env, seed=seed)
+
+
+def _sim_state(env) -> np.ndarray:
+    if hasattr(env, "sim_state"):  # ManiSkill: its flat actor and articulation state
+        return env.sim_state()
+    return np.concatenate([env.sim.data.qpos, env.sim.data.qvel])  # MuJoCo
+
+
 def _record_one(env, expert, task: str, init_state: int) -> Demo | None:
     obs = env.reset(task, init_state)
-    expert.reset()
+    try:
+        expert.reset()
+    except ExpertFailed:  # e.g. the motion planner found no path from this state
+        return None
     images, proprio, actions, states = [], [], [], []
     while True:
         images.append(obs.image)
         proprio.append(obs.proprio)
-        states.append(np.concatenate([env.sim.data.qpos, env.sim.data.qvel]))
+        states.append(_sim_state(env))
         a = expert.act()
         actions.append(a)
         res = env.step(a)
@@ -104,8 +137,8 @@ def _record_one(env, expert, task: str, init_state: int) -> Demo | None:
 def _env_args(env) -> dict:
     cfg = getattr(env, "cfg", None)
     return {
-        "type": "tabletop",
-        "env_name": "TabletopEnv",
+        "type": cfg.backend if cfg is not None else "tabletop",
+        "env_name": type(env).__name__,
         "env_kwargs": cfg.model_dump(mode="json") if cfg is not None else {},
     }
 
@@ -123,7 +156,8 @@ def write_demos(demos: Sequence[Demo], out_dir: str | Path, env_args: dict | Non
         path = out / f"{task}_demo.hdf5"
         with h5py.File(path, "w") as f:
             data = f.create_group("data")
-            info = {"problem_name": task, "domain_name": "tabletop", "language_instruction": group[0].instruction}
+            domain = (env_args or {}).get("type", "tabletop")
+            info = {"problem_name": task, "domain_name": domain, "language_instruction": group[0].instruction}
             data.attrs["problem_info"] = json.dumps(info)
             data.attrs["env_args"] = json.dumps(env_args or {"type": "tabletop"})
             data.attrs["macros_image_convention"] = "opencv"
@@ -231,12 +265,14 @@ def _instruction(data: h5py.Group, task: str) -> str:
 
 
 # --- statistics ---
-def dataset_statistics(demos: Sequence[Demo], scaled_dims: Sequence[int] = ()) -> dict:
+def dataset_statistics(demos: Sequence[Demo], scaled_dims: Sequence[int] = (),
+                       gripper_dims: Sequence[int] | None = None) -> dict:
     """OpenVLA's `dataset_statistics.json` entry for one dataset (lists of floats).
 
-    `mask` says which action dims get normalised with q01/q99: all but the gripper (last), which
-    stays binary, and `scaled_dims`, which the env already gives in [-1, 1] over their whole range
-    (absolute targets: a few demos' q01/q99 would cut off positions they never visited).
+    `mask` says which action dims get normalised with q01/q99: all but the grippers (`gripper_dims`,
+    default the last dim; a bimanual action has one per arm), which stay binary, and `scaled_dims`,
+    which the env already gives in [-1, 1] over their whole range (absolute targets: a few demos'
+    q01/q99 would cut off positions they never visited).
     """
     if not demos:
         raise ValueError("dataset_statistics needs at least one demo")
@@ -245,7 +281,9 @@ def dataset_statistics(demos: Sequence[Demo], scaled_dims: Sequence[int] = ()) -
         proprio = np.concatenate([d.proprio for d in demos]).astype(np.float64)
     else:  # OpenVLA's convention for datasets without proprio
         proprio = np.zeros_like(actions)
-    mask = [i not in scaled_dims for i in range(actions.shape[1] - 1)] + [False]
+    dims = actions.shape[1]
+    grippers = set(gripper_dims) if gripper_dims is not None else {dims - 1}
+    mask = [i not in scaled_dims and i not in grippers for i in range(dims)]
     return {
         "action": {**_stats(actions), "mask": mask},
         "proprio": _stats(proprio),

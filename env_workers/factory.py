@@ -43,6 +43,30 @@ def make_env(env_cfg: EnvConfig) -> EpisodeEnv:
     raise BackendUnavailable(f"unknown env.backend {env_cfg.backend!r}; known: tabletop, libero, maniskill")
 
 
+def env_arms(env_cfg: EnvConfig) -> int:
+    """Robot arms the env drives: 1, or the ManiSkill bimanual suite's 2 (plain data, no simulator)."""
+    if env_cfg.backend == "maniskill":
+        from env_workers.maniskill.tasks import suite_arms
+
+        return suite_arms(env_cfg.suite)
+    return 1
+
+
+def env_action_dims(env_cfg: EnvConfig) -> int:
+    """Dims of one env action: LIBERO's 7 (delta position, delta rotation, gripper) per arm."""
+    return 7 * env_arms(env_cfg)
+
+
+def env_proprio_dim(env_cfg: EnvConfig) -> int:
+    """Dims of the env's proprio: OpenVLA-OFT's 8 LIBERO dims per arm."""
+    return 8 * env_arms(env_cfg)
+
+
+def env_gripper_dims(env_cfg: EnvConfig) -> tuple[int, ...]:
+    """The action dims holding a gripper command (one per arm, each arm's last): never normalised."""
+    return tuple(range(6, env_action_dims(env_cfg), 7))
+
+
 def env_scaled_action_dims(env_cfg: EnvConfig) -> tuple[int, ...]:
     """Action dims the env already gives in [-1, 1] over their whole range, which dataset
     statistics must not rescale: the tabletop's absolute position targets (x, y, z)."""

@@ -36,7 +36,11 @@ def to_env_actions(backend: str, actions: np.ndarray) -> np.ndarray:
     """Policy actions -> the simulator's convention. LIBERO and ManiSkill (which takes LIBERO's env
     actions): OpenVLA's gripper in [0, 1] (1 = open) becomes -1 = open / +1 = close
     (env_workers/libero/conventions.py, env_workers/maniskill/conventions.py)."""
-    if backend in ("libero", "maniskill"):
+    if backend == "maniskill":  # per arm: bimanual tasks take 7 dims per arm
+        from env_workers.maniskill.conventions import openvla_to_env
+
+        return openvla_to_env(actions)
+    if backend == "libero":
         from env_workers.libero.conventions import openvla_to_libero
 
         return openvla_to_libero(actions)

@@ -18,6 +18,10 @@ ManiSkill's `pd_ee_delta_pose` controller, as it reads those dims:
   sign decides here too: > 0 closes, < 0 opens, exactly 0 keeps the last command (OpenVLA maps a
   policy gripper of exactly 0.5 to 0, "no change").
 
+Bimanual tasks take these 7 dims per arm, arms in ManiSkill's agent order (14 for two), each arm's
+position and rotation deltas in its own root frame (the two Pandas face each other, so their frames
+are turned by 180 degrees), and report 8 proprio dims per arm in the same order.
+
 Proprio (OpenVLA-OFT's 8 LIBERO dims): TCP position in the world frame (3), TCP orientation as
 axis-angle (3, robosuite's `quat2axisangle` of the same rotation), the two finger joint positions
 with LIBERO's signs (2: +q1, -q2; robosuite's right finger joint is negative when open).
@@ -29,7 +33,8 @@ import math
 
 import numpy as np
 
-PROPRIO_DIM = 8
+ARM_ACTION_DIM = 7  # per arm; a bimanual task's action is the arms' actions one after the other (14)
+PROPRIO_DIM = 8  # per arm, concatenated in the same order
 GRIPPER_OPEN, GRIPPER_CLOSED = 1.0, -1.0  # ManiSkill's normalised finger targets
 OPEN_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)  # LIBERO's no-op: hold the pose, gripper open
 
@@ -42,6 +47,28 @@ def libero_to_maniskill(action: np.ndarray, last_gripper: float) -> np.ndarray:
     g = a[6]
     out[6] = GRIPPER_CLOSED if g > 0 else GRIPPER_OPEN if g < 0 else last_gripper
     return out
+
+
+def openvla_to_env(actions: np.ndarray) -> np.ndarray:
+    """Policy actions [..., 7 x arms] (OpenVLA's gripper per arm) -> env actions: LIBERO's conversion
+    applied to every arm's 7 dims."""
+    from env_workers.libero.conventions import openvla_to_libero
+
+    a = np.asarray(actions)
+    return openvla_to_libero(a.reshape(*a.shape[:-1], -1, ARM_ACTION_DIM)).reshape(a.shape)
+
+
+def env_to_openvla(actions: np.ndarray) -> np.ndarray:
+    """Demo env actions [..., 7 x arms] -> OpenVLA's dataset convention, every arm's gripper (SFT)."""
+    from env_workers.libero.conventions import libero_to_openvla
+
+    a = np.asarray(actions)
+    return libero_to_openvla(a.reshape(*a.shape[:-1], -1, ARM_ACTION_DIM)).reshape(a.shape)
+
+
+def gripper_dims(action_dim: int) -> tuple[int, ...]:
+    """The gripper dim of every arm: 6, or 6 and 13."""
+    return tuple(range(ARM_ACTION_DIM - 1, action_dim, ARM_ACTION_DIM))
 
 
 def quat_wxyz_to_axisangle(q: np.ndarray) -> np.ndarray:

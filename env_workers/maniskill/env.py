@@ -2,7 +2,8 @@
 CPU: PhysX CPU simulation of one scene (`num_envs=1`), SAPIEN rendering through Vulkan (lavapipe on
 machines without a GPU).
 
-- Actions: LIBERO's 7 dims, mapped onto ManiSkill's `pd_ee_delta_pose` + gripper (conventions.py).
+- Actions: LIBERO's 7 dims per arm (14 for the bimanual suite), mapped onto ManiSkill's
+  `pd_ee_delta_pose` + gripper of each arm (conventions.py).
 - Observation: the task's third-person camera (`base_camera`) at `env.image_size`, upright as
   rendered, plus LIBERO's 8-dim proprio. ManiSkill's own observation pipeline is off
   (`obs_mode="none"`): it would render every camera at every step, while the policy reads one image
@@ -29,14 +30,16 @@ from common.records import ChunkResult, Observation, StepResult
 from env_workers.api import Split, apply_chunk, configured_tasks, split_init_states
 from env_workers.maniskill import conventions
 from env_workers.maniskill.bootstrap import check_offline, ensure_maniskill
-from env_workers.maniskill.tasks import CAMERA, ROBOT, ManiSkillTask, get_task, suite_tasks
+from env_workers.maniskill.tasks import CAMERA, ManiSkillTask, get_task, robot_uids, suite_arms, suite_tasks
 
 
 class ManiSkillEnv:
-    action_dim = 7
+    action_dim = conventions.ARM_ACTION_DIM  # per instance: 7 x the suite's arms
 
     def __init__(self, cfg: EnvConfig):
         names = configured_tasks(cfg, "maniskill", suite_tasks, lambda n: get_task(cfg.suite, n))
+        self.arms = suite_arms(cfg.suite)
+        self.action_dim = conventions.ARM_ACTION_DIM * self.arms
         self.render_backend = ensure_maniskill()
         self.cfg = cfg
         self._names = names
@@ -47,7 +50,7 @@ class ManiSkillEnv:
         self.steps = 0
         self.success = False
         self._done = True
-        self._gripper = conventions.GRIPPER_OPEN
+        self._grippers = [conventions.GRIPPER_OPEN] * self.arms
 
     # --- EpisodeEnv API ---
     @property
@@ -67,9 +70,9 @@ class ManiSkillEnv:
         sim = self._build(get_task(self.cfg.suite, task))
         with _quiet_maniskill():  # PegInsertionSide rebuilds its scene at every reset (new peg and box sizes)
             sim.reset(seed=int(init_state))
-        self._gripper = conventions.GRIPPER_OPEN
+        self._grippers = [conventions.GRIPPER_OPEN] * self.arms
         for _ in range(self.cfg.num_steps_wait):
-            self._physics(conventions.OPEN_ACTION)
+            self._physics(np.tile(conventions.OPEN_ACTION, self.arms))
         self.init_state = int(init_state)
         self.steps, self.success, self._done = 0, False, False
         return self.observe()
@@ -98,8 +101,13 @@ class ManiSkillEnv:
                            proprio=self.proprio())
 
     def proprio(self) -> np.ndarray:
+        return np.concatenate([conventions.proprio(agent.tcp.pose.raw_pose[0].numpy(), agent.robot.get_qpos()[0, -2:].numpy())
+                               for agent in self._agents()])
+
+    def _agents(self) -> list:
+        """The env's Panda agents in action order (ManiSkill's MultiAgent keeps them in `agents`)."""
         agent = self.sim.agent
-        return conventions.proprio(agent.tcp.pose.raw_pose[0].numpy(), agent.robot.get_qpos()[0, -2:].numpy())
+        return list(agent.agents) if self.arms > 1 else [agent]
 
     def render(self) -> np.ndarray:
         """The third-person camera's RGB image [H, W, 3] uint8. Objects the task hides from cameras stay
@@ -148,9 +156,14 @@ class ManiSkillEnv:
     def _physics(self, action: np.ndarray) -> dict:
         import torch
 
-        ms_action = conventions.libero_to_maniskill(action, self._gripper)
-        self._gripper = float(ms_action[6])
-        _, _, _, _, info = self.sim.step(torch.from_numpy(ms_action))
+        per_arm = np.asarray(action).reshape(self.arms, conventions.ARM_ACTION_DIM)
+        ms_actions = [conventions.libero_to_maniskill(a, g) for a, g in zip(per_arm, self._grippers)]
+        self._grippers = [float(a[6]) for a in ms_actions]
+        if self.arms == 1:
+            ms_action = torch.from_numpy(ms_actions[0])
+        else:  # ManiSkill's multi-agent action: one entry per agent uid ("panda-0", "panda-1")
+            ms_action = {uid: torch.from_numpy(a) for uid, a in zip(self.sim.agent.agents_dict, ms_actions)}
+        _, _, _, _, info = self.sim.step(ms_action)
         return info
 
     def _build(self, task: ManiSkillTask):
@@ -163,7 +176,7 @@ class ManiSkillEnv:
             with _quiet_maniskill():
                 self._gym = gym.make(task.name, num_envs=1, sim_backend="physx_cpu", render_backend=self.render_backend,
                                      obs_mode="none", reward_mode="none", control_mode="pd_ee_delta_pose",
-                                     robot_uids=ROBOT, sensor_configs=dict(width=size, height=size))
+                                     robot_uids=robot_uids(task), sensor_configs=dict(width=size, height=size))
             self.sim = self._gym.unwrapped
             self.task = task
         return self.sim

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
+from env_workers.demos import ExpertFailed
 from env_workers.maniskill.tasks import ROBOT
 
 SOLUTIONS = "mani_skill.examples.motionplanning.panda.solutions"
@@ -66,7 +67,7 @@ class PlannerRun:
         self._env.close()
 
 
-class PlanningFailed(RuntimeError):
+class PlanningFailed(ExpertFailed):
     """mplib found no collision-free path for one of the solution's moves."""
 
 

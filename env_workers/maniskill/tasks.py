@@ -7,6 +7,8 @@ registers (`max_episode_steps`); configs/maniskill.yaml uses them as `env.task_m
 
 Suite "maniskill": the single-arm Panda tabletop primitives, all offline (no asset download: the
 robot and every object ship in the wheel or are built from boxes, spheres and capsules).
+Suite "maniskill_bimanual": two Pandas facing each other across the table; the action is 7 dims per
+arm (conventions.py), so a suite's tasks share one arm count (`suite_arms`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class ManiSkillTask:
     instruction: str
     max_episode_steps: int  # ManiSkill's registered limit, at its 20 Hz control rate
     show_hidden: tuple[str, ...] = ()  # task attributes ManiSkill hides from cameras that a policy must see
+    arms: int = 1  # Panda arms the task drives
 
 
 TASKS: dict[str, ManiSkillTask] = {t.name: t for t in (
@@ -36,7 +39,15 @@ TASKS: dict[str, ManiSkillTask] = {t.name: t for t in (
     ManiSkillTask("PegInsertionSide-v1", "insert the orange end of the peg into the hole in the box", 100),
 )}
 
-SUITES: dict[str, dict[str, ManiSkillTask]] = {SUITE: TASKS}
+BIMANUAL_SUITE = "maniskill_bimanual"
+BIMANUAL_TASKS: dict[str, ManiSkillTask] = {t.name: t for t in (
+    # agents[0] (first 7 action dims) stands at y = -0.75 next to the blue cube, agents[1] at y = +0.75
+    # next to the green one; success: green on the target, blue on green, both released
+    ManiSkillTask("TwoRobotStackCube-v1", "put the green cube on the red and white target and stack the blue cube "
+                  "on top of it", 100, arms=2),
+)}
+
+SUITES: dict[str, dict[str, ManiSkillTask]] = {SUITE: TASKS, BIMANUAL_SUITE: BIMANUAL_TASKS}
 
 # Every task runs the plain Panda. StackCube and PegInsertionSide default to `panda_wristcam`, the same
 # arm plus a wrist camera and its RealSense mesh; we use no wrist image, and that mesh alone doubles
@@ -50,6 +61,19 @@ def suite_tasks(suite: str) -> list[str]:
     if suite not in SUITES:
         raise ValueError(f"unknown ManiSkill suite {suite!r}; known: {sorted(SUITES)}")
     return list(SUITES[suite])
+
+
+def robot_uids(task: ManiSkillTask) -> str | tuple[str, ...]:
+    """gym.make's robot_uids: one Panda, or one per arm (ManiSkill's multi-agent form)."""
+    return ROBOT if task.arms == 1 else (ROBOT,) * task.arms
+
+
+def suite_arms(suite: str) -> int:
+    """Arms of a suite's tasks (one number: they share the action space)."""
+    arms = {t.arms for t in SUITES[suite].values()} if suite in SUITES else {1}
+    if len(arms) != 1:
+        raise ValueError(f"ManiSkill suite {suite!r} mixes tasks with {sorted(arms)} arms")
+    return arms.pop()
 
 
 def get_task(suite: str, name: str) -> ManiSkillTask:
