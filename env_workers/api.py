@@ -65,7 +65,7 @@ def apply_chunk(actions: np.ndarray, action_dim: int, apply: Callable[[np.ndarra
 
 @runtime_checkable
 class EpisodeEnv(Protocol):
-    action_dim: int  # 7 for LIBERO-style (dx, dy, dz, droll, dpitch, dyaw, gripper)
+    action_dim: int  # 7 per arm, LIBERO-style (dx, dy, dz, droll, dpitch, dyaw, gripper); 14 for two arms
 
     @property
     def task_names(self) -> list[str]: ...

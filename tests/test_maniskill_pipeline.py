@@ -42,12 +42,13 @@ def test_maniskill_trajectories_hold_the_rendered_frames_and_stop_at_the_limit(p
     check_trajectories(*pipeline, TASK, init_state=3)
 
 
-def test_sft_on_maniskill_asks_for_a_dataset(tmp_path):
-    """Scripted experts exist for the tabletop suites only; SFT on ManiSkill names the field to set."""
+def test_sft_on_maniskill_tasks_without_an_expert_asks_for_a_dataset(tmp_path):
+    """Motion-planner experts exist for some ManiSkill tasks only (env_workers/maniskill/experts.py);
+    SFT without sft.dataset on the whole suite names the others and the field to set."""
     from deploy.sft import demo_folder
 
-    cfg = load_config(ROOT / "configs/maniskill.yaml", [f"run_dir={tmp_path}"])
-    with pytest.raises(ValueError, match=r"^sft.dataset: scripted experts exist for the tabletop backend only"):
+    cfg = load_config(ROOT / "configs/maniskill.yaml", [f"run_dir={tmp_path}", "env.image_size=64"])
+    with pytest.raises(ValueError, match=r"no ManiSkill expert reaches 90 % on .*LiftPegUpright-v1.* sft.dataset=DIR"):
         demo_folder(cfg)
 
 
