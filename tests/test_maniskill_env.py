@@ -249,7 +249,7 @@ def test_preflight_lists_the_suites_tasks_for_an_unknown_task(tmp_path):
 
     with pytest.raises(PreflightError, match=r"env.tasks: \['PickCube'\] not in the maniskill suite.*PegInsertionSide-v1"):
         check_tasks(RunConfig(env=_cfg(tasks=["PickCube-v1", "PickCube"])))
-    with pytest.raises(PreflightError, match=r"env.suite: unknown ManiSkill suite 'maniskil'.*\['maniskill'\]"):
+    with pytest.raises(PreflightError, match=r"env.suite: unknown ManiSkill suite 'maniskil'.*\['maniskill', 'maniskill_bimanual'\]"):
         check_tasks(RunConfig(env=_cfg(suite="maniskil")))
     check_tasks(RunConfig(env=_cfg(tasks=["PegInsertionSide-v1"])))
 
