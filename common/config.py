@@ -161,6 +161,38 @@ class LossTermConfig(Section):
     batch_size: int = Field(16, gt=0, description="samples the term draws per mini-batch, per learner rank")
 
 
+LLAMA_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(Section):
+    """Low-rank adapters (peft) on the language model's blocks: the one-GPU mode at 7B, where full
+    training's fp32 master weights and Adam state (~16 bytes a parameter, ~120 GB) fit no GPU.
+    The vision towers and, unless listed in `trainable`, the projector stay frozen: the backward
+    then stops at the LM's input (no tower activations kept, no gradient through ~0.7B tower
+    parameters), and RL fine-tunes an SFT policy whose visual features are already trained.
+    Published weights and policy folders are merged (W + alpha / rank x B A), so replicas need no peft."""
+
+    rank: int = Field(32, gt=0, description="adapter rank r (OpenVLA-OFT fine-tunes with 32)")
+    alpha: float = Field(16.0, gt=0, description="scale alpha / rank on B A (OpenVLA-OFT: min(rank, 16))")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[Literal[LLAMA_BLOCK_LINEARS]] = Field(
+        list(LLAMA_BLOCK_LINEARS), min_length=1,
+        description="Linear layers of every language-model block that get adapters, by their name in the block")
+    trainable: list[Literal["action_head", "action_queries", "proprio_projector", "projector"]] = Field(
+        ["action_head", "action_queries", "proprio_projector"],
+        description="parts trained in full beside the adapters (each where the policy has it): the LM head's 256 "
+        "action rows, learned action queries, the proprio projector (small, and the action readout itself, "
+        "as OFT trains its action head in full); projector: the vision-to-LM MLP (~71M parameters at 7B)")
+
+    @model_validator(mode="after")
+    def _no_repeats(self):
+        for name in ("target_modules", "trainable"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a name twice: {values}")
+        return self
+
+
 class LearnerConfig(Section):
     lr: float = Field(5e-6, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -196,6 +228,8 @@ class LearnerConfig(Section):
     loss_terms: dict[Literal["demo_bc"], LossTermConfig] = Field(
         default_factory=dict, description="extra loss terms by name (learner/loss_terms.py), e.g. demo_bc: "
         "cross-entropy on the SFT demonstrations' action tokens, as DAPG does; none = the paper's pure GRPO")
+    lora: LoraConfig | None = Field(
+        None, description="train low-rank adapters instead of every parameter (LoraConfig); None = full training")
 
 
 class SFTConfig(Section):
