@@ -105,7 +105,9 @@ def trajectories(policy, image_size: int, samples: int, traj_chunks: int, seed: 
                        images=rng.integers(0, 256, (T, image_size, image_size, 3), dtype=np.uint8),
                        tokens=rng.integers(first, first + 256, (T, chunk, dims)),
                        logprobs=np.zeros((T, chunk, dims), np.float32), executed=np.ones((T, chunk), bool),
-                       success=i % 2 == 0, env_steps=T * chunk, policy_version=0)
+                       success=i % 2 == 0, env_steps=T * chunk, policy_version=0,
+                       proprio=(rng.uniform(-1, 1, (T, policy.model.config.proprio_dim)).astype(np.float32)
+                                if policy.uses_proprio else None))
             for i, T in enumerate(sizes)]
 
 
@@ -120,7 +122,7 @@ def current_logprobs(policy, trajs: list[Trajectory], temperature: float) -> tup
         out = []
         for t in trajs:
             ids = torch.from_numpy(t.tokens.reshape(t.num_chunks, -1))
-            logp, _ = policy.token_log_probs(t.images, [t.instruction] * t.num_chunks, ids, temperature)
+            logp, _ = policy.token_log_probs(t.images, [t.instruction] * t.num_chunks, ids, temperature, t.proprio)
             out.append(logp.float().cpu().numpy().reshape(t.tokens.shape))
     finally:
         hook.remove()
