@@ -11,6 +11,10 @@ Every env call runs on the worker's one sim thread under a deadline: GL contexts
 thread that made them, and software GL (llvmpipe) crashes when several threads of one process
 render at once. A call that times out rebuilds the thread and all envs, and the episode fails
 (the caller re-runs it).
+
+With a batched env (`env.sim_backend: physx_cuda`, or `env.batched` on the CPU) the worker holds
+ONE ManiSkill env of num_envs scenes instead, and slot j is scene j (batched_slots.py): the
+episodes run the same way, their env calls meet in batched rounds.
 """
 
 from __future__ import annotations
