@@ -142,6 +142,51 @@ def test_a_batched_env_needs_one_batchable_task_and_one_cpu_scene():
         BatchedManiSkillEnv(_cfg(), 2)
 
 
+# --- the worker's slots over one batched env: rounds, and the action batcher's count of busy envs ---
+
+def test_batched_slots_run_an_episode_in_rounds_and_park_from_the_action_batcher():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from env_workers.action_batcher import ActionBatcher
+    from env_workers.batched_slots import BatchRounds
+    from env_workers.worker import HangDrill
+
+    async def unused_send(observations, temperature, greedy):
+        raise AssertionError("no policy request in this test")
+
+    async def episode(rounds, batcher):
+        (slot,) = rounds.slots
+        rounds.slot_busy()
+        obs = await slot.reset(TASK, 3)
+        assert obs.image.shape == (SIZE, SIZE, 3) and obs.proprio.shape == (8,)
+        waiting = asyncio.ensure_future(slot.step_chunk(_chunk(4)[0], keep_frames=True))
+        await asyncio.sleep(0)
+        parked = batcher.busy  # while the slot waits for its round, the batcher does not wait for it
+        first = await waiting
+        assert batcher.busy == 1  # busy again once the round ended
+        second = await slot.step_chunk(_chunk(8)[0])
+        with pytest.raises(RuntimeError, match="episode is over"):
+            await slot.step_chunk(_chunk(1)[0])
+        with pytest.raises(ValueError, match="runs PushCube-v1, not PullCube-v1"):
+            await slot.reset("PullCube-v1", 3)
+        rounds.slot_idle()
+        return parked, first, second
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    batcher = ActionBatcher(unused_send, max_wait_s=0.5, timeout_s=5.0)
+    rounds = BatchRounds(_cfg(), 1, executor, HangDrill(), batcher)
+    try:
+        parked, first, second = asyncio.run(episode(rounds, batcher))
+    finally:
+        rounds.close()
+        executor.shutdown()
+    assert parked == 0 and batcher.busy == 0 and rounds.rounds == 3
+    assert first.steps == 4 and len(first.frames) == 4 and not first.done
+    np.testing.assert_array_equal(first.observation.image, first.frames[-1])
+    assert second.steps == LIMIT - 4 and second.done and not second.success and second.frames is None
+
+
 # --- config: bad combinations fail before anything starts, naming the field ---
 
 @pytest.mark.parametrize("overrides, field", [
