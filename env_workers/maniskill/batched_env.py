@@ -109,11 +109,11 @@ class BatchedManiSkillEnv:
             live = self.episodes.still_live(live, k, lengths)
             if not live.any():
                 break
-            hold = np.zeros((self.num_envs, self.action_dim), dtype=np.float32)
-            hold[:, 6] = self.gripper  # ended and idle scenes: no motion, fingers as they are
-            hold[live] = conventions.libero_to_maniskill_batch(actions[live, k], self.gripper[live])
-            self.gripper[live] = hold[live, 6]
-            _, _, _, _, info = self.sim.step(torch.from_numpy(hold).to(self.sim.device))
+            ms_actions = np.zeros((self.num_envs, self.action_dim), dtype=np.float32)  # all scenes
+            ms_actions[:, 6] = self.gripper  # ended and idle scenes hold: no motion, fingers as they are
+            ms_actions[live] = conventions.libero_to_maniskill_batch(actions[live, k], self.gripper[live])
+            self.gripper[live] = ms_actions[live, 6]
+            _, _, _, _, info = self.sim.step(torch.from_numpy(ms_actions).to(self.sim.device))
             self.episodes.record(live, info["success"].cpu().numpy().astype(bool))
             applied[live] += 1
             if frames is not None:
