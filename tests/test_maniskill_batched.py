@@ -193,6 +193,7 @@ def test_batched_slots_run_an_episode_in_rounds_and_park_from_the_action_batcher
     (["cluster.envs_per_worker=0"], "cluster.envs_per_worker"),
     (["env.sim_backend=physx_cpu", "env.batched=true", "cluster.envs_per_worker=4"], "cluster.envs_per_worker"),
     (["env.num_steps_wait=5"], "env.num_steps_wait"),
+    (["cluster.env_worker_gpus=0"], "cluster.env_worker_gpus"),
     (["env.sim_backend=physx_gpu"], "env.sim_backend"),
 ])
 def test_gpu_config_rejects_bad_combinations_naming_the_field(overrides, field):
