@@ -21,6 +21,7 @@ runs/bench_grpo_step.json) after every step, and prints the arithmetic.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     policy_dir = str(cfg.policy.path or random_policy_dir(cfg))
     result["policy_saved_s"] = time.perf_counter() - start
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the random policy built here: its memory goes to the replica and the learner
     init_ray(cfg)
     rollout = trainer = None
     try:

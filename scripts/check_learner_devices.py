@@ -105,7 +105,6 @@ def relative(a: float, b: float, floor: float = 1e-12) -> float:
 
 
 def compare(runs: list[dict], weights: list[dict], tolerance: float) -> dict:
-
     ref, other = runs
     steps = [{"loss": [r["loss"], o["loss"]], "grad_norm": [r["grad_norm"], o["grad_norm"]],
               "loss_rel_diff": relative(r["loss"], o["loss"], LOSS_FLOOR),
