@@ -74,7 +74,8 @@ class EnvWorkerPool:
 
     def _spawn(self):
         # SPREAD: over every node that may host sim, so losing one node loses only its share
-        opts = {"num_cpus": self.cluster_cfg.env_worker_cpus, "max_concurrency": self.cluster_cfg.envs_per_worker + 4,
+        opts = {"num_cpus": self.cluster_cfg.env_worker_cpus, "num_gpus": self.cluster_cfg.env_worker_gpus,
+                "max_concurrency": self.cluster_cfg.envs_per_worker + 4,
                 "scheduling_strategy": "SPREAD"}
         if "sim" in self.cluster_cfg.resources:
             opts["resources"] = {self.cluster_cfg.resources["sim"]: 0.001}

@@ -110,12 +110,30 @@ class EnvConfig(Section):
                     "targets in the workspace box scaled to [-1, 1] (Diffusion Policy / ACT style position control)",
     )
     init_states: InitStateConfig = InitStateConfig()
+    sim_backend: Literal["physx_cpu", "physx_cuda"] = Field(
+        "physx_cpu", description="ManiSkill's physics: physx_cpu = one scene per env (each worker slot its own env); "
+        "physx_cuda = PhysX on the GPU: each env worker holds ONE ManiSkill env of cluster.envs_per_worker scenes, "
+        "stepped and rendered as one batch (env_workers/maniskill/batched_env.py; one task per run)")
+    batched: bool = Field(
+        False, description="ManiSkill on physx_cpu: the batched worker of physx_cuda with one scene per worker "
+        "(ManiSkill's CPU sim holds one), the same code path on a machine without a GPU; physx_cuda is always batched")
 
     @model_validator(mode="after")
     def _control_supported(self):
         if self.control == "absolute" and self.backend != "tabletop":
             raise ValueError(f"control 'absolute' exists for the tabletop backend only (backend is {self.backend!r})")
+        if self.batched_sim and self.backend != "maniskill":
+            raise ValueError(f"env.sim_backend physx_cuda / env.batched exist for the maniskill backend only "
+                             f"(backend is {self.backend!r})")
+        if self.batched_sim and self.num_steps_wait:
+            raise ValueError(f"env.num_steps_wait must be 0 for a batched ManiSkill env (settle steps would step "
+                             f"every scene of the batch), got {self.num_steps_wait}")
         return self
+
+    @property
+    def batched_sim(self) -> bool:
+        """Each env worker holds one batched ManiSkill env (one slot per scene) instead of one env per slot."""
+        return self.batched or self.sim_backend == "physx_cuda"
 
     def step_limit(self, task: str) -> int:
         """The step limit of one task's episodes."""
@@ -161,6 +179,38 @@ class LossTermConfig(Section):
     batch_size: int = Field(16, gt=0, description="samples the term draws per mini-batch, per learner rank")
 
 
+LLAMA_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(Section):
+    """Low-rank adapters (peft) on the language model's blocks: the one-GPU mode at 7B, where full
+    training's fp32 master weights and Adam state (~16 bytes a parameter, ~120 GB) fit no GPU.
+    The vision towers and, unless listed in `trainable`, the projector stay frozen: the backward
+    then stops at the LM's input (no tower activations kept, no gradient through ~0.7B tower
+    parameters), and RL fine-tunes an SFT policy whose visual features are already trained.
+    Published weights and policy folders are merged (W + alpha / rank x B A), so replicas need no peft."""
+
+    rank: int = Field(32, gt=0, description="adapter rank r (OpenVLA-OFT fine-tunes with 32)")
+    alpha: float = Field(16.0, gt=0, description="scale alpha / rank on B A (OpenVLA-OFT: min(rank, 16))")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[Literal[LLAMA_BLOCK_LINEARS]] = Field(
+        list(LLAMA_BLOCK_LINEARS), min_length=1,
+        description="Linear layers of every language-model block that get adapters, by their name in the block")
+    trainable: list[Literal["action_head", "action_queries", "proprio_projector", "projector"]] = Field(
+        ["action_head", "action_queries", "proprio_projector"],
+        description="parts trained in full beside the adapters (each where the policy has it): the LM head's 256 "
+        "action rows, learned action queries, the proprio projector (small, and the action readout itself, "
+        "as OFT trains its action head in full); projector: the vision-to-LM MLP (~71M parameters at 7B)")
+
+    @model_validator(mode="after")
+    def _no_repeats(self):
+        for name in ("target_modules", "trainable"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a name twice: {values}")
+        return self
+
+
 class LearnerConfig(Section):
     lr: float = Field(5e-6, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -196,6 +246,8 @@ class LearnerConfig(Section):
     loss_terms: dict[Literal["demo_bc"], LossTermConfig] = Field(
         default_factory=dict, description="extra loss terms by name (learner/loss_terms.py), e.g. demo_bc: "
         "cross-entropy on the SFT demonstrations' action tokens, as DAPG does; none = the paper's pure GRPO")
+    lora: LoraConfig | None = Field(
+        None, description="train low-rank adapters instead of every parameter (LoraConfig); None = full training")
 
 
 class SFTConfig(Section):
@@ -238,6 +290,9 @@ class ClusterConfig(Section):
     serve_replicas: int = Field(1, gt=0)
     learner_world_size: int = Field(1, gt=0)
     env_worker_cpus: float = Field(1.0, ge=0)
+    env_worker_gpus: float = Field(
+        0.0, ge=0, description="GPU share of each env worker: env.sim_backend physx_cuda simulates and renders its "
+        "scenes there (several workers, or workers and replicas, can share one GPU with fractions)")
     replica_cpus: float = Field(1.0, ge=0)
     replica_gpus: float = Field(0.0, ge=0)
     inference_max_batch: int = Field(
@@ -335,6 +390,12 @@ class RunConfig(Section):
         if self.sft.batch_size < self.cluster.learner_world_size:
             raise ValueError(f"sft.batch_size {self.sft.batch_size} leaves a learner rank without samples: at least "
                              f"cluster.learner_world_size {self.cluster.learner_world_size}")
+        if self.env.sim_backend == "physx_cuda" and self.cluster.env_worker_gpus <= 0:
+            raise ValueError("cluster.env_worker_gpus must be > 0 with env.sim_backend physx_cuda (each env worker "
+                             "simulates and renders its scenes on a GPU), e.g. 0.5")
+        if self.env.batched_sim and self.env.sim_backend == "physx_cpu" and self.cluster.envs_per_worker != 1:
+            raise ValueError(f"cluster.envs_per_worker must be 1 for a batched env on physx_cpu (ManiSkill's CPU sim "
+                             f"holds one scene; physx_cuda holds many), got {self.cluster.envs_per_worker}")
         if self.learner.sync_every - 1 > self.rollout.max_policy_lag:
             raise ValueError(f"learner.sync_every {self.learner.sync_every} leaves the replicas up to "
                              f"{self.learner.sync_every - 1} versions behind, more than rollout.max_policy_lag "

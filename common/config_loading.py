@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -70,8 +70,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
             except yaml.YAMLError:
                 node[name] = raw
             return
-        annotation = model.model_fields[name].annotation if model is not None else None
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = _section(model.model_fields[name].annotation) if model is not None else None
         child = node.setdefault(name, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
@@ -95,9 +94,16 @@ def _describe(err: ValidationError) -> str:
 def _fields_at(loc: tuple) -> list[str]:
     model: type[BaseModel] = RunConfig
     for name in loc:
-        annotation = model.model_fields.get(str(name))
-        ann = annotation.annotation if annotation else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        field = model.model_fields.get(str(name))
+        model = _section(field.annotation) if field else None
+        if model is None:
             return []
-        model = ann
     return list(model.model_fields)
+
+
+def _section(annotation) -> type[BaseModel] | None:
+    """The config section a field holds: `Section` itself or an optional one (`Section | None`)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None

@@ -118,6 +118,13 @@ def check_tasks(cfg: RunConfig) -> None:
     limits = [t for t in cfg.env.task_max_steps if t not in names]
     if limits:
         raise PreflightError(f"env.task_max_steps: {limits} not in the {cfg.env.suite} suite; its tasks: {names}")
+    if cfg.env.backend == "maniskill" and cfg.env.batched_sim:
+        from env_workers.maniskill.tasks import batch_task
+
+        try:
+            batch_task(cfg.env.suite, list(cfg.env.tasks or names))
+        except ValueError as err:
+            raise PreflightError(str(err)) from None
 
 
 def check_local_resources(cfg: RunConfig, learner: bool = True) -> None:
@@ -133,14 +140,14 @@ def check_local_resources(cfg: RunConfig, learner: bool = True) -> None:
             f"replica_cpus{' + learner_world_size x learner_cpus' if learner else ''}) but this machine has "
             f"{cpus}; lower those fields (0 lets roles share cores, as configs/demo.yaml does) or give "
             "cluster.address of a larger cluster")
-    gpus = c.serve_replicas * c.replica_gpus + ranks * c.learner_gpus
+    gpus = c.num_env_workers * c.env_worker_gpus + c.serve_replicas * c.replica_gpus + ranks * c.learner_gpus
     if gpus > 0:
         import torch
 
         have = torch.cuda.device_count()
         if gpus > have:
-            raise PreflightError(f"cluster: the roles ask for {gpus:g} GPUs (serve_replicas x replica_gpus + "
-                                 f"learner_world_size x learner_gpus) but this machine has {have}")
+            raise PreflightError(f"cluster: the roles ask for {gpus:g} GPUs (num_env_workers x env_worker_gpus + "
+                                 f"serve_replicas x replica_gpus + learner_world_size x learner_gpus) but this machine has {have}")
 
 
 def check_run_dir(run_dir: Path) -> None:

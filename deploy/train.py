@@ -40,6 +40,7 @@ class RolloutBatch:
     advantages: np.ndarray  # [N]
     order: np.ndarray  # [N], a permutation
     versions: np.ndarray  # [N]
+    chunks: int  # observations (action chunks) the learner trains on: its work, whatever the episode lengths
 
 
 class PhaseTimer:
@@ -126,7 +127,8 @@ class GRPOTrainer:
         group_ids = torch.from_numpy(np.repeat(np.arange(len(groups)), [len(g.episodes) for g in groups]))
         return RolloutBatch(refs=[e.ref for e in episodes], advantages=group_advantages(rewards, group_ids).numpy(),
                             order=self.rng.permutation(len(episodes)),
-                            versions=np.array([e.meta.policy_version for e in episodes]))
+                            versions=np.array([e.meta.policy_version for e in episodes]),
+                            chunks=sum(e.meta.num_chunks for e in episodes))
 
     def update(self, batch: RolloutBatch) -> dict:
         """The clipped policy update on every learner rank; with max_policy_lag >= 1 the env slots
@@ -171,6 +173,7 @@ class GRPOTrainer:
             "rollout/stale_groups": s.groups_stale,
             "rollout/episodes_rerun": self.rollout.pool.rerun,
             **{f"train/{k}": v for k, v in train_stats.items()},
+            "train/chunks": batch.chunks,
             **timer.scalars(),
             "policy/version": self.version,
             **validation,

@@ -82,6 +82,9 @@ class SimWorker:
 def spawn_sim_workers(env_cfg: EnvConfig, cluster_cfg: ClusterConfig, seed: int = 0) -> list:
     """cluster.num_env_workers SimWorkers of cluster.envs_per_worker envs, with the CPUs and node
     placement of the EnvWorkerPool's workers; returns once every env is built."""
+    if env_cfg.batched_sim:
+        raise ValueError("env.sim_backend: SimWorkers drive one env per slot; a batched ManiSkill env "
+                         "(physx_cuda / env.batched) runs in EnvWorkers only")
     opts: dict = {"num_cpus": cluster_cfg.env_worker_cpus}
     if "sim" in cluster_cfg.resources:
         opts["resources"] = {cluster_cfg.resources["sim"]: 0.001}

@@ -11,6 +11,10 @@ Every env call runs on the worker's one sim thread under a deadline: GL contexts
 thread that made them, and software GL (llvmpipe) crashes when several threads of one process
 render at once. A call that times out rebuilds the thread and all envs, and the episode fails
 (the caller re-runs it).
+
+With a batched env (`env.sim_backend: physx_cuda`, or `env.batched` on the CPU) the worker holds
+ONE ManiSkill env of num_envs scenes instead, and slot j is scene j (batched_slots.py): the
+episodes run the same way, their env calls meet in batched rounds.
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ class EnvSlot:
             raise EnvTimeout(f"env.{fn_name} took longer than {deadline}s "
                              f"(env.step_timeout_s={self.env_cfg.step_timeout_s}s x {steps} steps)") from None
 
+    async def reset(self, task: str, init_state: int):
+        return await self.call("reset", task, init_state)
+
     async def step_chunk(self, actions: np.ndarray, keep_frames: bool = False) -> ChunkResult:
         # One sim-thread hop per chunk instead of per step; the deadline grows with the chunk.
         return await self.call("step_chunk", actions, keep_frames, steps=len(actions))
@@ -126,6 +133,13 @@ class EnvWorker:
 
     def _build_slots(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim")
+        if self.env_cfg.batched_sim:  # one ManiSkill env of num_envs scenes; slot j is scene j
+            from env_workers.batched_slots import BatchRounds
+
+            rounds = BatchRounds(self.env_cfg, self.num_envs, self.executor, self.drill, self.batcher)
+            self.slots = rounds.slots
+            self.pool = SlotPool(self.slots, on_busy=rounds.slot_busy, on_idle=rounds.slot_idle)
+            return
         self.slots = [EnvSlot(self.env_cfg, self.executor, self.drill) for _ in range(self.num_envs)]
         self.pool = SlotPool(self.slots, on_busy=self.batcher.env_busy, on_idle=self.batcher.env_idle)
 
@@ -179,7 +193,7 @@ class EnvWorker:
 
     async def _episode(self, slot: EnvSlot, task, init_state, temperature, greedy, record_video):
         start = time.perf_counter()
-        obs = await slot.call("reset", task, init_state)
+        obs = await slot.reset(task, init_state)
         images, tokens, logprobs, executed, versions, frames, proprio = [], [], [], [], [], [], []
         steps, success, done = 0, False, False
         while not done:
@@ -211,11 +225,13 @@ class EnvWorker:
     async def run_lockstep(self, requests: list[tuple[str, int]], temperature: float) -> dict:
         """Baseline for benchmarks: the original's lock-step rollout. All envs step together and
         keep querying the policy until the step limit, even after their episode ended."""
+        if self.env_cfg.batched_sim:
+            raise NotImplementedError("run_lockstep drives one env per slot; a batched env steps its scenes in rounds")
         self._lazy_init()
         pool = self.pool
         slots = [await pool.acquire(t) for t, _ in requests]
         try:
-            obs = [await s.call("reset", t, i) for s, (t, i) in zip(slots, requests)]
+            obs = [await s.reset(t, i) for s, (t, i) in zip(slots, requests)]
             done, useful, queries, offered = [False] * len(slots), 0, 0, 0
             limit = max(self.env_cfg.step_limit(t) for t, _ in requests)
             while offered < limit:  # one policy query per env per chunk, up to the longest limit

@@ -19,6 +19,7 @@ from common.config import LearnerConfig
 from common.records import Trajectory
 from learner.chunk_samples import ChunkSamples, micro_batches
 from learner.grpo import grpo_chunk_loss, sft_loss
+from learner.lora import attach_adapters, merged_tensors
 from learner.loss_terms import TermBatch
 from policy.vla import VLAPolicy
 
@@ -64,6 +65,8 @@ class LearnerEngine:
         self.micro_batch = micro_batch
         self.world_size = dist.get_world_size()
         policy.model.split_action_head()  # the head's other 31,808 rows are never read: no gradient, no optimiser state
+        if cfg.lora is not None:  # adapters (and cfg.lora.trainable's parts) alone get gradients and optimiser state
+            attach_adapters(policy.model, cfg.lora)
         if cfg.gradient_checkpointing:
             policy.model.enable_gradient_checkpointing()
         params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -208,8 +211,9 @@ class LearnerEngine:
         return float(norm) if norm is not None else float("nan")
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Full weights on CPU (ZeRO-1/2 keep parameters replicated, so any rank has them)."""
-        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+        """Full weights on CPU in the policy's layout, LoRA adapters merged (learner/lora.py); ZeRO-1/2
+        keep parameters replicated, so any rank has them."""
+        return {k: v.to("cpu", copy=True) for k, v in merged_tensors(self.engine.module)}
 
     def save(self, folder: str, client_state: dict) -> None:
         self.engine.save_checkpoint(folder, tag="deepspeed", client_state=client_state)

@@ -117,8 +117,9 @@ class LearnerWorker:
     # --- learner.weight_sync: collective (rank 0 only; actors/weight_sync.py drives these) ----------
     def weight_member(self) -> dict:
         from actors.weight_group import member_info
+        from learner.lora import merged_tensors
 
-        return member_info(self.policy.model.state_dict())
+        return member_info(dict(merged_tensors(self.policy.model)))
 
     def weight_rendezvous(self, timeout_s: float) -> tuple[str, int]:
         """The host and port of the TCPStore every formation of the group meets at (started once)."""
@@ -139,18 +140,21 @@ class LearnerWorker:
         """Broadcast the current weights to the members of `group_id`; the bytes sent."""
         if self.weight_group is None or self.weight_group.spec.group_id != group_id:
             raise RuntimeError(f"weight sync: rank 0 is not in the broadcast group {group_id}")
+        from learner.lora import merged_tensors
+
         try:
-            with torch.no_grad():
-                return self.weight_group.send(self.policy.model.state_dict())
+            # in the replicas' layout; with LoRA the merged layers exist (on the GPU) for the broadcast
+            return self.weight_group.send(dict(merged_tensors(self.policy.model)))
         except Exception:
             self.weight_group = None  # a failed formation is never used again
             raise
 
     def save_policy(self, folder: str) -> None:
         if self.rank == 0:
+            from learner.lora import merged_tensors
             from policy.checkpoint import save_policy
 
-            save_policy(self.policy, folder)
+            save_policy(self.policy, folder, merged_tensors(self.policy.model))
 
     def save_state(self, folder: str, client_state: dict) -> None:
         self.engine.save(folder, client_state)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors.torch import save_file
@@ -94,7 +95,9 @@ def initial_policy(cfg: PolicyConfig, norm_stats: dict, seed: int = 0) -> VLAPol
     return build_policy(cfg.model_copy(update={"unnorm_key": key}), norm_stats, seed=seed)
 
 
-def save_policy(policy: VLAPolicy, folder: str | Path) -> Path:
+def save_policy(policy: VLAPolicy, folder: str | Path, tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> Path:
+    """The policy folder; `tensors`: (name, tensor) pairs to write instead of the model's state dict
+    (a LoRA learner's merged weights, learner/lora.py)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -111,7 +114,8 @@ def save_policy(policy: VLAPolicy, folder: str | Path) -> Path:
         "prompt_end_id": policy.prompts.end_id,
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in policy.model.state_dict().items()}
+    pairs = policy.model.state_dict().items() if tensors is None else tensors
+    state = {k: v.detach().contiguous().cpu() for k, v in pairs}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     policy.tokenizer.save_pretrained(str(tmp))
     policy.image_processor.save(tmp)

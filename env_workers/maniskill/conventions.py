@@ -42,10 +42,15 @@ OPEN_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)  # LIBERO's no-
 def libero_to_maniskill(action: np.ndarray, last_gripper: float) -> np.ndarray:
     """One LIBERO env action [7] -> ManiSkill's `pd_ee_delta_pose` + gripper action [7] (float32).
     `last_gripper` is ManiSkill's previous finger target, kept when the command is exactly 0."""
-    a = np.clip(np.asarray(action, dtype=np.float32).reshape(-1), -1.0, 1.0)
-    out = a.copy()
-    g = a[6]
-    out[6] = GRIPPER_CLOSED if g > 0 else GRIPPER_OPEN if g < 0 else last_gripper
+    a = np.asarray(action, dtype=np.float32).reshape(1, -1)
+    return libero_to_maniskill_batch(a, np.array([last_gripper], dtype=np.float32))[0]
+
+
+def libero_to_maniskill_batch(actions: np.ndarray, last_gripper: np.ndarray) -> np.ndarray:
+    """`libero_to_maniskill` on a batch: actions [n, 7], last_gripper [n] -> [n, 7] float32."""
+    out = np.clip(np.asarray(actions, dtype=np.float32), -1.0, 1.0)
+    g = out[:, 6].copy()
+    out[:, 6] = np.where(g > 0, GRIPPER_CLOSED, np.where(g < 0, GRIPPER_OPEN, last_gripper))
     return out
 
 

@@ -68,7 +68,7 @@ class ManiSkillEnv:
         if int(init_state) < 0:
             raise ValueError(f"init_state must be >= 0 (it is the reset seed), got {init_state}")
         sim = self._build(get_task(self.cfg.suite, task))
-        with _quiet_maniskill():  # PegInsertionSide rebuilds its scene at every reset (new peg and box sizes)
+        with quiet_maniskill():  # PegInsertionSide rebuilds its scene at every reset (new peg and box sizes)
             sim.reset(seed=int(init_state))
         self._grippers = [conventions.GRIPPER_OPEN] * self.arms
         for _ in range(self.cfg.num_steps_wait):
@@ -110,18 +110,8 @@ class ManiSkillEnv:
         return list(agent.agents) if self.arms > 1 else [agent]
 
     def render(self) -> np.ndarray:
-        """The third-person camera's RGB image [H, W, 3] uint8. Objects the task hides from cameras stay
-        hidden, except those the policy must see (tasks.py: show_hidden)."""
-        sim = self.sim
-        shown = [getattr(sim, name) for name in self.task.show_hidden]
-        for obj in sim._hidden_objects:
-            if not any(obj is s for s in shown):
-                obj.hide_visual()
-        sim.scene.update_render(update_sensors=True, update_human_render_cameras=False)
-        camera = sim.scene.sensors[CAMERA]
-        camera.capture()
-        rgb = camera.get_obs(rgb=True, depth=False, position=False, segmentation=False)["rgb"]
-        return np.ascontiguousarray(rgb[0].cpu().numpy())
+        """The third-person camera's RGB image [H, W, 3] uint8 (camera_rgb)."""
+        return np.ascontiguousarray(camera_rgb(self.sim, self.task)[0].cpu().numpy())
 
     @property
     def episode_over(self) -> bool:
@@ -169,14 +159,7 @@ class ManiSkillEnv:
     def _build(self, task: ManiSkillTask):
         if self.task is None or self.task.name != task.name:
             self.close()
-            import gymnasium as gym
-
-            check_offline(task.name)
-            size = self.cfg.image_size
-            with _quiet_maniskill():
-                self._gym = gym.make(task.name, num_envs=1, sim_backend="physx_cpu", render_backend=self.render_backend,
-                                     obs_mode="none", reward_mode="none", control_mode="pd_ee_delta_pose",
-                                     robot_uids=robot_uids(task), sensor_configs=dict(width=size, height=size))
+            self._gym = make_maniskill(task, 1, "physx_cpu", self.render_backend, self.cfg.image_size)
             self.sim = self._gym.unwrapped
             self.task = task
         return self.sim
@@ -188,8 +171,34 @@ class ManiSkillEnv:
         self.close()
 
 
+def make_maniskill(task: ManiSkillTask, num_envs: int, sim_backend: str, render_backend: str, image_size: int):
+    """The gymnasium env of `task` with `num_envs` scenes: our robot, end-effector control, the sensor
+    camera at `image_size`; ManiSkill's observations and rewards off (we render and judge ourselves)."""
+    import gymnasium as gym
+
+    check_offline(task.name)
+    with quiet_maniskill():
+        return gym.make(task.name, num_envs=num_envs, sim_backend=sim_backend, render_backend=render_backend,
+                        obs_mode="none", reward_mode="none", control_mode="pd_ee_delta_pose", robot_uids=robot_uids(task),
+                        sensor_configs=dict(width=image_size, height=image_size))
+
+
+def camera_rgb(sim, task: ManiSkillTask):
+    """The third-person camera's RGB images of every scene of `sim`, [num_envs, H, W, 3] uint8 (a torch
+    tensor on the sim's device). Objects the task hides from cameras stay hidden, except those the
+    policy must see (tasks.py: show_hidden)."""
+    shown = [getattr(sim, name) for name in task.show_hidden]
+    for obj in sim._hidden_objects:
+        if not any(obj is s for s in shown):
+            obj.hide_visual()
+    sim.scene.update_render(update_sensors=True, update_human_render_cameras=False)
+    camera = sim.scene.sensors[CAMERA]
+    camera.capture()
+    return camera.get_obs(rgb=True, depth=False, position=False, segmentation=False)["rgb"]
+
+
 @contextlib.contextmanager
-def _quiet_maniskill():
+def quiet_maniskill():
     """Silence ManiSkill's warnings while it builds a scene: that PegInsertionSide's default robot is
     another (tasks.py: ROBOT) and that some tasks build objects without an initial pose (they are
     placed at every reset)."""

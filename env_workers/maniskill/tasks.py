@@ -24,6 +24,9 @@ class ManiSkillTask:
     instruction: str
     max_episode_steps: int  # ManiSkill's registered limit, at its 20 Hz control rate
     show_hidden: tuple[str, ...] = ()  # task attributes ManiSkill hides from cameras that a policy must see
+    # False where a seed also draws the scene's geometry (built once per scene of a batched env, so
+    # a partial reset could not reproduce init state i)
+    batches: bool = True
     arms: int = 1  # Panda arms the task drives
 
 
@@ -36,7 +39,7 @@ TASKS: dict[str, ManiSkillTask] = {t.name: t for t in (
     ManiSkillTask("StackCube-v1", "stack the red cube on top of the green cube", 50),
     ManiSkillTask("PlaceSphere-v1", "put the blue ball into the white bin", 50),
     ManiSkillTask("LiftPegUpright-v1", "stand the red and blue peg upright on the table", 50),
-    ManiSkillTask("PegInsertionSide-v1", "insert the orange end of the peg into the hole in the box", 100),
+    ManiSkillTask("PegInsertionSide-v1", "insert the orange end of the peg into the hole in the box", 100, batches=False),
 )}
 
 BIMANUAL_SUITE = "maniskill_bimanual"
@@ -81,3 +84,18 @@ def get_task(suite: str, name: str) -> ManiSkillTask:
     if name not in tasks:
         raise ValueError(f"unknown task {name!r} for ManiSkill suite {suite!r}; known: {list(tasks)}")
     return tasks[name]
+
+
+def batch_task(suite: str, names: list[str]) -> ManiSkillTask:
+    """The one task of a batched env (batched_env.py: its N scenes are one ManiSkill env, i.e. one task
+    whose init states a partial reset reproduces); raises naming env.tasks otherwise."""
+    if len(names) != 1:
+        raise ValueError(f"env.tasks: a batched ManiSkill env (env.sim_backend physx_cuda or env.batched) runs one "
+                         f"task, got {len(names)}: {names}; set env.tasks=[ONE_TASK] (one run per task)")
+    task = get_task(suite, names[0])
+    if not task.batches:
+        raise ValueError(f"env.tasks: {task.name} cannot batch (a seed also draws its geometry, built once per "
+                         f"scene); batchable: {[t.name for t in SUITES[suite].values() if t.batches]}")
+    if task.arms != 1:  # the batched env drives one Panda per scene
+        raise ValueError(f"env.tasks: {task.name} drives {task.arms} arms; a batched ManiSkill env runs single-arm tasks")
+    return task

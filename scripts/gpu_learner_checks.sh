@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU box's learner and weight-sync run (docs/performance.md "Learner"): each check is one script
+# with its own time limit, so one that fails or runs out of memory leaves the others' figures.
+#
+#   CHECKS=learner,devices bash scripts/gpu_learner_checks.sh   # from the repository root, bundle installed
+#
+# Checks (CHECKS, comma-separated, in this order; default all):
+#   learner   scripts/bench_learner.py, configs/oft7b.yaml: full-parameter forward+backward, then a LoRA
+#             GRPO mini-batch and the merge (two processes: a full-parameter OOM cannot take LoRA with it)
+#   devices   scripts/check_learner_devices.py: the demo's policy, a few GRPO steps on cpu and on cuda
+#   sync      scripts/bench_weight_sync.py: the 7B-shaped policy's weights, object_store against cuda_ipc
+#   step      scripts/bench_grpo_step.py, configs/gpu_1x16.yaml + LoRA: whole GRPO steps on LIBERO-Spatial
+#   demo_step scripts/bench_grpo_step.py, configs/demo.yaml with the policy on the GPU (seconds per RL step)
+# Writes under $OUT (default runs/gpu_learner_checks): stack.txt, CHECK.log and CHECK.json per check.
+set -uo pipefail
+OUT=${OUT:-runs/gpu_learner_checks}
+CHECKS=${CHECKS:-learner,devices,sync,step,demo_step}
+LIMIT_S=${LIMIT_S:-300}  # per check
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d /opt/stash/dirs/gl ]; then export LD_LIBRARY_PATH=/opt/stash/dirs/gl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; fi
+PY=${PYTHON:-python3}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+  echo "cores: $(nproc)"
+  $PY -c "import torch, transformers, peft, deepspeed; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+'transformers', transformers.__version__, 'peft', peft.__version__, 'deepspeed', deepspeed.__version__)"
+} 2>&1 | tee "$OUT/stack.txt"
+
+status=0
+check() {  # check NAME COMMAND...: run it under the time limit, log to $OUT/NAME.log
+  local name=$1; shift
+  case ",$CHECKS," in *",$name,"*) ;; *) return 0 ;; esac
+  echo "=== $name: $*" | tee "$OUT/$name.log"
+  local t0=$SECONDS rc=0
+  timeout --signal=TERM --kill-after=15 "$LIMIT_S" "$@" >>"$OUT/$name.log" 2>&1 || rc=$?
+  ray stop --force >/dev/null 2>&1 || true  # a check cut short leaves no cluster for the next
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
+  grep -v -e "INFO" -e "^\s*$" "$OUT/$name.log" | tail -n 25
+  [ "$rc" -eq 0 ] || status=$rc
+}
+
+check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes full_fwd_bwd --samples 16 \
+  --iters 3 --warmup 1 --out "$OUT/learner_full.json" learner.micro_batch_chunks=8
+check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes lora,merge --samples 64 \
+  --iters 2 --warmup 1 --out "$OUT/learner_lora.json" learner.micro_batch_chunks=16 learner.lora.rank=32
+check devices $PY scripts/check_learner_devices.py --config configs/demo.yaml --devices cpu,cuda --steps 4 \
+  --out "$OUT/devices.json" policy.unnorm_key=tabletop_pretrain
+check sync $PY scripts/bench_weight_sync.py configs/oft7b.yaml --replicas 1 --syncs 3 \
+  --backends object_store,cuda_ipc --out "$OUT/sync.json" learner.lora.rank=32 cluster.replica_gpus=0.5 \
+  cluster.learner_gpus=0.5
+check step $PY scripts/bench_grpo_step.py --config configs/gpu_1x16.yaml --steps 2 --out "$OUT/step.json" \
+  learner.lora.rank=32 learner.weight_sync=cuda_ipc learner.mini_batch_size=16 learner.micro_batch_chunks=16 \
+  rollout.groups_per_batch=2 env.max_steps=128 learner.gradient_checkpointing=true
+check demo_step $PY scripts/bench_grpo_step.py --config configs/demo.yaml --steps 4 --out "$OUT/demo_step.json" \
+  policy.unnorm_key=tabletop_pretrain "learner.loss_terms={}" policy.device=cuda cluster.replica_gpus=0.5 \
+  cluster.learner_gpus=0.5 cluster.comm_backend=nccl cluster.num_env_workers=12 cluster.env_worker_cpus=1
+exit "$status"

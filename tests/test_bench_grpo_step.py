@@ -1,0 +1,48 @@
+"""scripts/bench_grpo_step.py runs whole GRPO steps through the real trainer on the CPU with the tiny
+config, times every phase, and extrapolates the paper's batch from the last step."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GROUPS, GROUP_SIZE, MAX_STEPS, CHUNK = 2, 2, 16, 8
+
+
+def test_bench_grpo_step_times_every_phase_and_extrapolates(tmp_path):
+    out = tmp_path / "step.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_grpo_step.py"), "--config", "configs/tiny.yaml", "--steps", "2",
+         "--paper-groups", "4", "--paper-group-size", "8", "--paper-max-steps", "32", "--out", str(out),
+         f"env.max_steps={MAX_STEPS}", f"rollout.groups_per_batch={GROUPS}", f"rollout.group_size={GROUP_SIZE}",
+         f"learner.mini_batch_size={GROUPS * GROUP_SIZE}", "cluster.learner_world_size=1", "policy.path=null",
+         f"run_dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and len(result["steps"]) == 2
+    assert "rollout.min_group_success=0" in result["overrides"]  # a random policy's groups are trained, not dropped
+    for step in result["steps"]:
+        assert step["trajectories"] == GROUPS * GROUP_SIZE <= step["episodes"], step
+        assert 0 < step["env_steps"] <= step["episodes"] * MAX_STEPS
+        # each episode's chunks: ceil(its env steps / chunk), at least one, at most MAX_STEPS / CHUNK
+        assert GROUPS * GROUP_SIZE <= step["chunks"] <= GROUPS * GROUP_SIZE * MAX_STEPS // CHUNK
+        assert all(s >= 0 for s in step["seconds"].values()) and step["seconds"]["train"] > 0
+        assert abs(step["total_s"] - sum(step["seconds"].values())) < 1e-9
+    paper, last = result["paper_batch"], result["steps"][-1]
+    assert paper["trajectories"] == 32 and paper["env_steps"] == 32 * 32 and paper["chunks"] == 32 * 4
+    assert abs(paper["seconds"]["train"] - 128 * last["train_s_per_chunk"]) < 1e-6
+    assert abs(paper["seconds"]["rollout"] - 1024 / last["env_steps_per_s"]) < 1e-6
+    assert paper["seconds"]["weight_sync"] == last["seconds"]["weight_sync"]
+    assert "paper batch (4 x 8, 32 steps)" in proc.stdout and "chunks x" in proc.stdout
+
+
+def test_a_bad_override_stops_the_bench_before_anything_starts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_grpo_step.py"), "--config", "configs/tiny.yaml",
+         "learner.weight_sync=carrier_pigeon", f"run_dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "learner.weight_sync" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
