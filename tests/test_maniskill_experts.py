@@ -134,3 +134,10 @@ def test_sft_without_a_dataset_names_the_tasks_without_an_expert(tmp_path):
             record_demos(env, ["PickCube-v1", "LiftPegUpright-v1"], 1)
     finally:
         env.close()
+
+
+def test_a_batched_env_refuses_the_bimanual_task():
+    from env_workers.maniskill.tasks import batch_task
+
+    with pytest.raises(ValueError, match="TwoRobotStackCube-v1 drives 2 arms"):
+        batch_task("maniskill_bimanual", ["TwoRobotStackCube-v1"])
