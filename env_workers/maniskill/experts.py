@@ -32,9 +32,9 @@ SETTLE_TOL, SETTLE_STEPS = 0.004, 3  # reach the waypoint before a gripper switc
 
 # Tasks whose converted expert reaches >= 90 % on held-out states (docs/maniskill.md: expert success).
 # Left out, measured below 90 % on eval states 70-99: PlaceSphere-v1 (87 %; its successes take up
-# to 49 of the 50 steps, median 42: the longer plans do not fit), PegInsertionSide-v1 (7 %; not diagnosed further,
-# the hole leaves millimetres of clearance), LiftPegUpright-v1 (0 %: its plan takes
-# ~175 joint-control steps; 50 steps leave too little for the 90-degree reorientation).
+# to 49 of the 50 steps, median 42: the longer plans do not fit), PegInsertionSide-v1 (7 %; not
+# diagnosed further, the hole leaves millimetres of clearance), LiftPegUpright-v1 (0 %: its plan
+# takes ~175 joint-control steps; 50 steps leave too little for the 90-degree reorientation).
 EXPERT_TASKS = ("PickCube-v1", "PushCube-v1", "PullCube-v1", "StackCube-v1")
 
 
