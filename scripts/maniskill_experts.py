@@ -2,11 +2,12 @@
 
     python scripts/maniskill_experts.py [--episodes N] [--skip K] [--tasks T ...] [--out FILE] [CONFIG] [key=value ...]
 
-Runs ManiSkill's mplib solution for every task that has one (env_workers/maniskill/planner.py), follows
-its waypoints with end-effector delta actions in our env (env_workers/maniskill/experts.py), on N eval
-init states after the first K (the follower's gains were tuned on the first 20), within the config's step limits, without rendering. A seed the planner finds
-no path for counts as a failure. Prints a table (also the planner's own success in joint control) and
-writes JSON (default: run_dir/maniskill_experts.json). EXPERT_TASKS should hold the tasks at >= 90 %.
+Runs ManiSkill's mplib solution for every task that has one (env_workers/maniskill/planner.py),
+follows its waypoints with end-effector delta actions in our env (env_workers/maniskill/experts.py)
+on N eval init states after the first K (the follower's gains were tuned on the first 20), within
+the config's step limits, without rendering. A seed the planner finds no path for counts as a
+failure. Prints a table (also the planner's own success in joint control) and writes JSON (default:
+run_dir/maniskill_experts.json). EXPERT_TASKS should hold the tasks at >= 90 %.
 """
 
 from __future__ import annotations
