@@ -111,7 +111,9 @@ def test_bimanual_task_takes_14_dims_and_a_14_dim_policy_drives_it():
         policy = build_policy(cfg.policy, default_norm_stats(14), seed=0)
         (chunk,) = policy.act([env.observe()], greedy=True, generator=torch.Generator().manual_seed(0))
         assert chunk.actions.shape == (cfg.policy.action_chunk, 14) == (25, 14)
-        result = env.step_chunk(to_env_actions("maniskill", chunk.actions))
+        env_actions = to_env_actions("maniskill", chunk.actions)
+        assert set(np.unique(env_actions[:, [6, 13]])) <= {-1.0, 0.0, 1.0}  # both arms' grippers converted
+        result = env.step_chunk(env_actions)
         assert result.steps == 25 and result.observation.proprio.shape == (16,)
     finally:
         env.close()
