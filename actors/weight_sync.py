@@ -113,6 +113,10 @@ class CudaIpcSync(ObjectStoreSync):
     host memory or the object store. Replicas on another node or GPU cannot open those handles: they
     load the object-store copy in step 3, as does every replica when a delivery fails."""
 
+    def __init__(self, cfg: RunConfig, learner, rollout):
+        super().__init__(cfg, learner, rollout)
+        self.told_elsewhere = False  # said once that some replicas are elsewhere
+
     def deliver(self, version: int, state_ref) -> None:
         try:
             self.hand_over(version, state_ref.hex())
@@ -132,6 +136,11 @@ class CudaIpcSync(ObjectStoreSync):
         if any(m["layout"] != sender["layout"] for m in members):
             raise MembersMismatch("learner.weight_sync: cuda_ipc: a replica's weights have other names, dtypes or "
                                   "shapes than the learner's; both must load the same policy with the same policy.dtype")
+        if len(receivers) < len(members) and not self.told_elsewhere:
+            self.told_elsewhere = True
+            print(f"weight sync: cuda_ipc: {len(members) - len(receivers)} of {len(members)} replicas are not on "
+                  f"learner rank 0's {'GPU' if sender['device'] == 'cuda' else 'node'}; they load the weights from "
+                  f"the object store", flush=True)
         if not receivers:
             return [None] * len(members)
         session, bucket_bytes = uuid.uuid4().hex, self.cfg.learner.weight_sync_bucket_mb << 20
