@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from actors.weight_group import plan_buckets, state_digest
-from actors.weight_sync import MembersMismatch, check_members
+from actors.weight_sync import MembersMismatch, check_members, resolve_backend
 from common.config_loading import load_config
 from tests.conftest import ROOT
 
@@ -38,6 +38,18 @@ def test_nccl_members_must_not_share_a_gpu_and_cpu_members_take_gloo():
         check_members(gpu("n1", "g0"), [gpu("n1", "g1"), gpu("n1", "g1")])
     with pytest.raises(MembersMismatch, match=r"learner\.weight_sync.*policy\.dtype"):
         check_members(gpu("n1", "g0"), [{**gpu("n1", "g1"), "layout": "other"}])
+
+
+def test_auto_follows_the_placement_of_rank0_and_the_replicas():
+    gpu = lambda node, uuid: {"layout": "L", "device": "cuda", "node": node, "gpu": uuid}  # noqa: E731
+    cpu = lambda node: {"layout": "L", "device": "cpu", "node": node, "gpu": None}  # noqa: E731
+    assert resolve_backend(gpu("n1", "g0"), [gpu("n1", "g0"), gpu("n1", "g0")]) == "cuda_ipc"
+    assert resolve_backend(gpu("n1", "g0"), [gpu("n1", "g1"), gpu("n2", "g0")]) == "collective"
+    # some share rank 0's GPU and some do not: neither handles nor NCCL reach all of them
+    assert resolve_backend(gpu("n1", "g0"), [gpu("n1", "g0"), gpu("n1", "g1")]) == "object_store"
+    assert resolve_backend(gpu("n1", "g0"), [gpu("n1", "g1"), gpu("n1", "g1")]) == "object_store"
+    assert resolve_backend(cpu("n1"), [cpu("n1"), cpu("n1")]) == "object_store"
+    assert resolve_backend(gpu("n1", "g0"), [cpu("n1")]) == "object_store"
 
 
 @pytest.fixture(scope="module")
