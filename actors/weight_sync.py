@@ -209,7 +209,8 @@ def check_members(sender: dict, members: list[dict]) -> str:
     if len(set(gpus)) < len(gpus):
         raise MembersMismatch("learner.weight_sync: collective over NCCL needs every replica and learner rank 0 on "
                               "a GPU of its own, and two of them share one (cluster.replica_gpus below 1, or colocated "
-                              "roles); use learner.weight_sync: cuda_ipc when every replica is on rank 0's GPU, else object_store")
+                              "roles); use learner.weight_sync: cuda_ipc when every replica is on rank 0's GPU, else "
+                              "object_store")
     return "nccl"
 
 

@@ -8,8 +8,9 @@ are decoded separately. `set_weights` runs on the replica's event loop like the 
 so a swap can never interleave with a forward pass: a batch sees one version, whole. With
 learner.weight_sync: collective the weights arrive by broadcast instead (`receive_weights`,
 actors/weight_group.py), with cuda_ipc through shared-memory handles of learner rank 0's buffers
-(`receive_weights_ipc`, actors/weight_ipc.py); both are received on the event loop the same way. A replica that Serve (re)starts
-mid-run loads the run's current weights first (services/weight_store.py).
+(`receive_weights_ipc`, actors/weight_ipc.py); both are received on the event loop the same way.
+A replica that Serve (re)starts mid-run loads the run's current weights first
+(services/weight_store.py).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class PolicyDeployment:
         self.version = version
         self.weights_id: str | None = None  # the object-store copy this replica's weights equal
         self.weight_group = None  # actors/weight_group.py: WeightGroup, once the driver forms one
-        self.loads = {"object_store": 0, "collective": 0, "cuda_ipc": 0}  # how this replica got its weights, so far
+        self.loads = {"object_store": 0, "collective": 0, "cuda_ipc": 0}  # how it got its weights, so far
         # a replica that (re)starts after the run published weights serves those, not its initial ones
         self._load_current()
         replica = serve.get_replica_context().replica_id.unique_id
