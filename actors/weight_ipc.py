@@ -5,9 +5,11 @@ Rank 0 packs the state dict, tensor by tensor in layout order, into a bucket buf
 device and shares the buffer's handle (torch.multiprocessing's reduce_tensor: a CUDA IPC handle on
 a GPU, a POSIX shared-memory file name on the CPU under the "file_system" sharing strategy, so a
 process not forked from rank 0 can open it). Each receiver rebuilds the bucket from the handle and
-copies its bytes straight into its own weights: the bytes never pass through host memory or the
-object store. Two buffers alternate: rank 0 refills one only after every receiver acknowledged the
-bucket it held, while the receivers copy from the other.
+copies its bytes straight into its own weights: the bytes never pass through the object store,
+nor, on a GPU, through host memory. Two buffers alternate: rank 0 refills one only after every
+receiver acknowledged the bucket it held, while the receivers copy from the other. A receiver
+acknowledges a bucket by asking for the next, and asks again while that one is not ready: rank 0
+never blocks, so it answers between its other calls (one task at a time, as it trains).
 
 Sender and receivers cut the byte stream the same way (actors/weight_group.py: plan_buckets) since
 they share the layout (checked by digest before a delivery) and the bucket size. A handle opens
