@@ -69,15 +69,17 @@ def test_buckets_round_trip_through_handles_opened_in_other_processes(ray_cluste
     sender = Sender.remote(_state(0), ["r1", "r2"], bucket_bytes)
     receivers = [Receiver.remote(_state(1)), Receiver.remote(_state(2))]
     assert ray.get(receivers[0].digest.remote(), timeout=30) != state_digest(_state(0))
-    results = ray.get([r.receive.remote(sender, f"r{i + 1}", bucket_bytes) for i, r in enumerate(receivers)],
-                      timeout=120)
+    try:
+        results = ray.get([r.receive.remote(sender, f"r{i + 1}", bucket_bytes) for i, r in enumerate(receivers)],
+                          timeout=120)
+    finally:  # a shared file the sender holds when Ray kills it stays in /dev/shm
+        finished, left = ray.get(sender.close.remote(), timeout=30)
     total = sum(t.numel() * t.element_size() for t in _state(0).values())
     for received, digest, handle_sizes in results:
         assert received == total
         assert digest == state_digest(_state(0)), "a receiver's weights differ from the sender's"
         # a handle names the shared buffer; it does not carry the bucket's bytes
         assert 0 < max(handle_sizes) < bucket_bytes / 2, handle_sizes
-    finished, left = ray.get(sender.close.remote(), timeout=30)
     assert finished and left == [], left
 
 
@@ -90,21 +92,23 @@ def test_a_buffer_is_refilled_only_after_every_receiver_copied_its_bucket():
         handle = sender.next(receiver, index)
         return None if handle is None else pickle.loads(handle).clone()  # opened as a receiver does
 
-    assert len(sender.plan) == 5  # 4000 + 30 + 136 + 0 + 301 bytes in buckets of 1000
-    first = bucket("r1", 0)
-    assert torch.equal(first, state["a.weight"].view(torch.uint8)[:1000])
-    assert bucket("r1", 1) is not None
-    assert bucket("r1", 2) is None, "bucket 2 would overwrite bucket 0, which r2 has not copied"
-    assert torch.equal(bucket("r2", 0), first)
-    assert bucket("r1", 2) is None
-    bucket("r2", 1)  # r2 copied bucket 0
-    assert torch.equal(bucket("r1", 2), state["a.weight"].view(torch.uint8)[2000:3000])
-    with pytest.raises(RuntimeError, match="asked for bucket 5"):
-        sender.next("r2", 5)
-    with pytest.raises(RuntimeError, match="not a receiver"):
-        sender.next("r3", 0)
-    assert not sender.finished()
-    sender.close()
+    try:
+        assert len(sender.plan) == 5  # 4000 + 30 + 136 + 0 + 301 bytes in buckets of 1000
+        first = bucket("r1", 0)
+        assert torch.equal(first, state["a.weight"].view(torch.uint8)[:1000])
+        assert bucket("r1", 1) is not None
+        assert bucket("r1", 2) is None, "bucket 2 would overwrite bucket 0, which r2 has not copied"
+        assert torch.equal(bucket("r2", 0), first)
+        assert bucket("r1", 2) is None
+        bucket("r2", 1)  # r2 copied bucket 0
+        assert torch.equal(bucket("r1", 2), state["a.weight"].view(torch.uint8)[2000:3000])
+        with pytest.raises(RuntimeError, match="asked for bucket 5"):
+            sender.next("r2", 5)
+        with pytest.raises(RuntimeError, match="not a receiver"):
+            sender.next("r3", 0)
+        assert not sender.finished()
+    finally:
+        sender.close()
     assert set(glob.glob(f"/dev/shm/torch_{os.getpid()}_*")) == before, "a shared bucket outlived its sender"
 
 
