@@ -4,11 +4,13 @@ Every backend runs the same three steps, and differs only in the second:
 1. rank 0 puts the state dict in the object store once, and the WeightStore records it with its
    version (services/weight_store.py): a replica that (re)starts loads it before it serves;
 2. `deliver`: object_store does nothing more here; collective broadcasts the weights over a
-   process group of rank 0 and the replicas (actors/weight_group.py);
+   process group of rank 0 and the replicas (actors/weight_group.py); cuda_ipc hands them to the
+   replicas on rank 0's own GPU through shared-memory handles (actors/weight_ipc.py);
 3. `broadcast_weights` calls set_weights(version, ref) on every replica until all report the
    version. A replica that holds that copy already (step 2 delivered it) only takes the version;
    any other (started meanwhile, or the broadcast failed) loads it from the object store.
 Step 3 is what makes a failed or partial delivery safe, so a new backend only writes `deliver`.
+auto picks one of the three at the first sync, from where rank 0's and the replicas' weights live.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import uuid
 import ray
 
 from actors.weight_group import GroupSpec
+from actors.weight_ipc import colocated
 from common.config import RunConfig
 from services.policy_service import broadcast_weights
 
@@ -75,9 +78,8 @@ class CollectiveSync(ObjectStoreSync):
             raise  # no retry helps
         except Exception as err:  # a member died or timed out: its formation is never used again
             self.group_id = None
-            cause = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-            print(f"weight sync: the collective broadcast of version {version} failed ({cause}); the replicas "
-                  f"load it from the object store, and the next sync forms a new group", flush=True)
+            print(f"weight sync: the collective broadcast of version {version} failed ({last_line(err)}); the "
+                  f"replicas load it from the object store, and the next sync forms a new group", flush=True)
 
     def formation(self) -> str | None:
         """The id of a formation of rank 0 and every replica up now: the current one when they are
@@ -105,6 +107,91 @@ class CollectiveSync(ObjectStoreSync):
         return spec.group_id
 
 
+class CudaIpcSync(ObjectStoreSync):
+    """learner.weight_sync cuda_ipc: the replicas that share rank 0's GPU (its node, on the CPU)
+    copy the weights from rank 0's shared bucket buffers (actors/weight_ipc.py), with no copy through
+    host memory or the object store. Replicas on another node or GPU cannot open those handles: they
+    load the object-store copy in step 3, as does every replica when a delivery fails."""
+
+    def __init__(self, cfg: RunConfig, learner, rollout):
+        super().__init__(cfg, learner, rollout)
+        self.told_elsewhere = False  # said once that some replicas are elsewhere
+
+    def deliver(self, version: int, state_ref) -> None:
+        try:
+            self.hand_over(version, state_ref.hex())
+        except MembersMismatch:
+            raise  # no retry helps
+        except Exception as err:  # a replica died or timed out: step 3 gives every replica the store's copy
+            print(f"weight sync: the cuda_ipc delivery of version {version} failed ({last_line(err)}); the "
+                  f"replicas load it from the object store", flush=True)
+
+    def hand_over(self, version: int, weights_id: str, timeout_s: float = GROUP_TIMEOUT_S) -> list:
+        """One delivery to every replica up now that shares rank 0's GPU; each replica's answer
+        (its new version, or None: not a receiver). Every bucket comes within `timeout_s`."""
+        rank0, handle = self.learner.rank0, self.rollout.handle
+        members = handle.broadcast("weight_member").results(timeout_s=GROUP_TIMEOUT_S)
+        sender = ray.get(rank0.weight_member.remote(), timeout=GROUP_TIMEOUT_S)
+        receivers = sorted(m["replica"] for m in members if colocated(sender, m))
+        if any(m["layout"] != sender["layout"] for m in members):
+            raise MembersMismatch("learner.weight_sync: cuda_ipc: a replica's weights have other names, dtypes or "
+                                  "shapes than the learner's; both must load the same policy with the same policy.dtype")
+        if len(receivers) < len(members) and not self.told_elsewhere:
+            self.told_elsewhere = True
+            print(f"weight sync: cuda_ipc: {len(members) - len(receivers)} of {len(members)} replicas are not on "
+                  f"learner rank 0's {'GPU' if sender['device'] == 'cuda' else 'node'}; they load the weights from "
+                  f"the object store", flush=True)
+        if not receivers:
+            return [None] * len(members)
+        session, bucket_bytes = uuid.uuid4().hex, self.cfg.learner.weight_sync_bucket_mb << 20
+        ray.get(rank0.open_weight_ipc.remote(session, receivers, bucket_bytes), timeout=GROUP_TIMEOUT_S)
+        try:
+            received = handle.broadcast("receive_weights_ipc", session, receivers, rank0, bucket_bytes,
+                                        version, weights_id, timeout_s)
+            return received.results(timeout_s=DELIVERY_TIMEOUT_S)
+        finally:  # frees rank 0's buckets, also after a failure
+            ray.get(rank0.close_weight_ipc.remote(session), timeout=GROUP_TIMEOUT_S)
+
+
+def last_line(err: Exception) -> str:
+    """A remote error's own message: the last line of its traceback."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[-1]
+
+
+class AutoSync:
+    """learner.weight_sync auto: the backend that suits where the weights live, chosen at the first
+    sync that finds a replica up (the syncs before it go through the object store): cuda_ipc when
+    every replica shares rank 0's GPU, collective when every member has a GPU of its own,
+    object_store otherwise (CPU replicas, or a mix)."""
+
+    def __init__(self, cfg: RunConfig, learner, rollout):
+        self.cfg, self.learner, self.rollout = cfg, learner, rollout
+        self.resolved: str | None = None
+        self.backend: ObjectStoreSync = ObjectStoreSync(cfg, learner, rollout)
+
+    def sync(self, version: int) -> None:
+        if self.resolved is None:
+            members = self.rollout.handle.broadcast("weight_member").results(timeout_s=GROUP_TIMEOUT_S)
+            if members:
+                sender = ray.get(self.learner.rank0.weight_member.remote(), timeout=GROUP_TIMEOUT_S)
+                self.resolved = resolve_backend(sender, members)
+                self.backend = BACKENDS[self.resolved](self.cfg, self.learner, self.rollout)
+                print(f"weight sync: auto chose {self.resolved} for rank 0 on {sender['device']} and "
+                      f"{len(members)} replicas on {sorted({m['device'] for m in members})}", flush=True)
+        self.backend.sync(version)
+
+
+def resolve_backend(sender: dict, members: list[dict]) -> str:
+    """learner.weight_sync auto's choice for rank 0 (`sender`) and these replicas (member_info)."""
+    if sender["device"] == "cuda" and all(m["device"] == "cuda" for m in members):
+        if all(colocated(sender, m) for m in members):
+            return "cuda_ipc"
+        gpus = [(m["node"], m["gpu"]) for m in (sender, *members)]
+        if len(set(gpus)) == len(gpus):
+            return "collective"
+    return "object_store"
+
+
 class MembersMismatch(ValueError):
     """The members cannot form a group at all; the message names what to change."""
 
@@ -122,10 +209,13 @@ def check_members(sender: dict, members: list[dict]) -> str:
     if len(set(gpus)) < len(gpus):
         raise MembersMismatch("learner.weight_sync: collective over NCCL needs every replica and learner rank 0 on "
                               "a GPU of its own, and two of them share one (cluster.replica_gpus below 1, or colocated "
-                              "roles); use learner.weight_sync: object_store")
+                              "roles); use learner.weight_sync: cuda_ipc when every replica is on rank 0's GPU, else "
+                              "object_store")
     return "nccl"
 
 
-def make_weight_sync(cfg: RunConfig, learner, rollout) -> ObjectStoreSync:
-    backends = {"object_store": ObjectStoreSync, "collective": CollectiveSync}
-    return backends[cfg.learner.weight_sync](cfg, learner, rollout)
+BACKENDS = {"object_store": ObjectStoreSync, "collective": CollectiveSync, "cuda_ipc": CudaIpcSync}
+
+
+def make_weight_sync(cfg: RunConfig, learner, rollout) -> ObjectStoreSync | AutoSync:
+    return {"auto": AutoSync, **BACKENDS}[cfg.learner.weight_sync](cfg, learner, rollout)

@@ -229,16 +229,19 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2] = 2
     sync_every: int = Field(1, gt=0)
-    # a third backend (cuda_ipc: a learner and a replica sharing one GPU) slots in beside these two
-    weight_sync: Literal["object_store", "collective"] = Field(
-        "object_store", description="how new weights reach the Serve replicas. object_store: rank 0 puts the "
-        "state dict in the object store once and every replica fetches it (each replica's node pulls a full "
-        "copy). collective: rank 0 broadcasts it in buckets over a process group of its own with every replica "
-        "(NCCL when all of them are on GPUs, each on its own GPU; gloo otherwise); the object-store copy is still "
-        "put, on rank 0's node, for replicas that (re)start, and read only by them. The default is object_store "
-        "wherever the roles run; choose collective for large policies on replicas with GPUs")
+    weight_sync: Literal["auto", "object_store", "collective", "cuda_ipc"] = Field(
+        "auto", description="how new weights reach the Serve replicas. object_store: rank 0 puts the state dict "
+        "in the object store once and every replica fetches it (each replica's node pulls a full copy). "
+        "collective: rank 0 broadcasts it in buckets over a process group of its own with every replica (NCCL "
+        "when all of them are on GPUs, each on its own GPU; gloo otherwise). cuda_ipc: the replicas on rank 0's "
+        "own GPU (on CPUs, its node) copy it bucket by bucket from rank 0's buffers through shared-memory "
+        "handles; replicas elsewhere fetch the object-store copy. Every backend still puts that copy, on rank "
+        "0's node, for replicas that (re)start. auto (the default) picks at the first sync: cuda_ipc when every "
+        "replica shares rank 0's GPU, collective when every replica and rank 0 have a GPU each, object_store "
+        "otherwise (CPU runs)")
     weight_sync_bucket_mb: int = Field(
-        256, gt=0, description="weight_sync collective: MB per broadcast (one buffer of this size on every member)")
+        256, gt=0, description="weight_sync collective: MB per broadcast (one buffer of this size on every member); "
+        "cuda_ipc: MB per shared bucket (two such buffers on rank 0's device)")
     recompute_old_logprobs: bool = False
     gradient_checkpointing: bool = Field(
         False, description="recompute each transformer block's activations in the backward instead of keeping them: "

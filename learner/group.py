@@ -38,6 +38,7 @@ class LearnerWorker:
         self.term_rng = np.random.default_rng(cfg.seed + rank)  # each rank draws its own term samples
         self.rendezvous = None  # rank 0, learner.weight_sync collective: (TCPStore, host, port)
         self.weight_group = None  # ... and its membership in the broadcast group (actors/weight_group.py)
+        self.ipc = None  # rank 0, learner.weight_sync cuda_ipc: (session id, IpcSender) of the delivery under way
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -117,9 +118,9 @@ class LearnerWorker:
     # --- learner.weight_sync: collective (rank 0 only; actors/weight_sync.py drives these) ----------
     def weight_member(self) -> dict:
         from actors.weight_group import member_info
-        from learner.lora import merged_tensors
+        from learner.lora import base_layout
 
-        return member_info(dict(merged_tensors(self.policy.model)))
+        return member_info(base_layout(self.policy.model))
 
     def weight_rendezvous(self, timeout_s: float) -> tuple[str, int]:
         """The host and port of the TCPStore every formation of the group meets at (started once)."""
@@ -148,6 +149,36 @@ class LearnerWorker:
         except Exception:
             self.weight_group = None  # a failed formation is never used again
             raise
+
+    # --- learner.weight_sync: cuda_ipc (rank 0 only; actors/weight_sync.py drives these) ------------
+    def open_weight_ipc(self, session: str, receivers: list[str], bucket_bytes: int) -> int:
+        """Start delivering the current weights to `receivers` through shared-memory handles
+        (actors/weight_ipc.py): they stream from the model's tensors on this rank's device, bucket by
+        bucket, with no copy of the state dict (with LoRA, of the merged layers only). Replaces a
+        delivery still open. The bytes to deliver."""
+        from actors.weight_ipc import IpcSender
+        from learner.lora import merged_tensors
+
+        if self.ipc is not None:
+            self.ipc[1].close()
+        # in the replicas' layout; with LoRA the merged layers exist (on the GPU) until the delivery closes
+        self.ipc = session, IpcSender(dict(merged_tensors(self.policy.model)), receivers, bucket_bytes)
+        return self.ipc[1].bytes
+
+    def weight_ipc_next(self, session: str, receiver: str, bucket: int) -> bytes | None:
+        """A receiver copied the buckets before `bucket` and asks for it (IpcSender.next)."""
+        if self.ipc is None or self.ipc[0] != session:
+            raise RuntimeError(f"weight sync: rank 0 has no open delivery {session}")
+        return self.ipc[1].next(receiver, bucket)
+
+    def close_weight_ipc(self, session: str) -> bool:
+        """End the delivery and free its buckets: whether every receiver copied every bucket."""
+        if self.ipc is None or self.ipc[0] != session:
+            return False
+        finished = self.ipc[1].finished()
+        self.ipc[1].close()
+        self.ipc = None
+        return finished
 
     def save_policy(self, folder: str) -> None:
         if self.rank == 0:

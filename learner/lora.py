@@ -75,6 +75,12 @@ def has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
+def base_layout(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The names, dtypes, shapes and device of `merged_tensors`, without merging: an adapted layer's
+    base weight (a view, no copy) stands in for its merged one. For layout checks only."""
+    return {key.replace(BASE_LAYER + ".", "."): t for key, t in model.state_dict().items() if not is_adapter(key)}
+
+
 @torch.no_grad()
 def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the model's state dict in the base layout, on the model's device: an adapted

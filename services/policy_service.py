@@ -7,8 +7,10 @@ forward pass. Sampling (training) and greedy (eval) requests can share a batch w
 are decoded separately. `set_weights` runs on the replica's event loop like the batch handler,
 so a swap can never interleave with a forward pass: a batch sees one version, whole. With
 learner.weight_sync: collective the weights arrive by broadcast instead (`receive_weights`,
-actors/weight_group.py), received on the event loop the same way. A replica that Serve (re)starts
-mid-run loads the run's current weights first (services/weight_store.py).
+actors/weight_group.py), with cuda_ipc through shared-memory handles of learner rank 0's buffers
+(`receive_weights_ipc`, actors/weight_ipc.py); both are received on the event loop the same way.
+A replica that Serve (re)starts mid-run loads the run's current weights first
+(services/weight_store.py).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class PolicyDeployment:
         self.version = version
         self.weights_id: str | None = None  # the object-store copy this replica's weights equal
         self.weight_group = None  # actors/weight_group.py: WeightGroup, once the driver forms one
-        self.loads = {"object_store": 0, "collective": 0}  # how this replica got its weights, so far
+        self.loads = {"object_store": 0, "collective": 0, "cuda_ipc": 0}  # how it got its weights, so far
         # a replica that (re)starts after the run published weights serves those, not its initial ones
         self._load_current()
         replica = serve.get_replica_context().replica_id.unique_id
@@ -114,9 +116,10 @@ class PolicyDeployment:
         self.version = version
         return version
 
-    # --- learner.weight_sync: collective (actors/weight_sync.py drives these) ---------------------
+    # --- learner.weight_sync: collective, cuda_ipc (actors/weight_sync.py drives these) ------------
     async def weight_member(self) -> dict:
-        """Who this replica is and which formation of the broadcast group it is in."""
+        """Who this replica is, where its weights live and which formation of the broadcast group
+        it is in."""
         from actors.weight_group import member_info
 
         group = self.weight_group
@@ -153,6 +156,31 @@ class PolicyDeployment:
             raise
         self.version, self.weights_id = version, weights_id
         self.loads["collective"] += 1
+        return version
+
+    async def receive_weights_ipc(self, session: str, receivers: list[str], sender, bucket_bytes: int,
+                                  version: int, weights_id: str, timeout_s: float) -> int | None:
+        """Copy rank 0's weights from its shared buckets (`sender`: its actor; delivery `session`)
+        into the model and swap to `version`. Synchronous on the event loop like receive_weights,
+        with the same repair from the object-store copy when a delivery fails midway; every bucket
+        comes within `timeout_s` or the delivery fails. None: not among `receivers` (another node
+        or GPU than rank 0: set_weights delivers instead)."""
+        from actors.weight_ipc import receive
+
+        replica = serve.get_replica_context().replica_id.unique_id
+        if replica not in receivers:
+            return None
+
+        def fetch(bucket: int) -> bytes | None:
+            return ray.get(sender.weight_ipc_next.remote(session, replica, bucket), timeout=timeout_s)
+
+        try:
+            receive(self.policy.model.state_dict(), bucket_bytes, fetch, timeout_s)
+        except Exception:
+            self._load_current()
+            raise
+        self.version, self.weights_id = version, weights_id
+        self.loads["cuda_ipc"] += 1
         return version
 
     async def get_version(self) -> int:

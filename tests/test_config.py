@@ -75,7 +75,7 @@ BAD_OVERRIDES = [
     (["learner.loss_terms={rehearsal: {weight: 1}}"], ["learner.loss_terms", "demo_bc"]),
     (["learner.sync_every=3", "rollout.max_policy_lag=1"], ["learner.sync_every", "rollout.max_policy_lag"]),
     (["rollout.queue_capacity=100"], ["queue_capacity", "groups_per_batch x group_size = 512"]),
-    (["learner.weight_sync=cuda_ipc"], ["learner.weight_sync", "object_store", "collective"]),
+    (["learner.weight_sync=nccl"], ["learner.weight_sync", "auto", "object_store", "collective", "cuda_ipc"]),
     (["learner.weight_sync_bucket_mb=0"], ["learner.weight_sync_bucket_mb", "greater than 0"]),
 ]
 

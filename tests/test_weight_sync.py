@@ -1,5 +1,6 @@
 """learner.weight_sync on the real local Ray cluster: two Serve replicas, a DeepSpeed learner rank
-and the tiny policy. `collective` broadcasts over gloo here (CPU), by the code NCCL runs on GPUs."""
+and the tiny policy. `collective` broadcasts over gloo here (CPU), by the code NCCL runs on GPUs;
+`cuda_ipc` shares POSIX shared-memory buckets here, by the code that shares CUDA IPC handles on a GPU."""
 
 import os
 import signal
@@ -9,7 +10,7 @@ import pytest
 import ray
 
 from actors.weight_group import plan_buckets, state_digest
-from actors.weight_sync import MembersMismatch, check_members
+from actors.weight_sync import MembersMismatch, check_members, resolve_backend
 from common.config_loading import load_config
 from tests.conftest import ROOT
 
@@ -37,6 +38,18 @@ def test_nccl_members_must_not_share_a_gpu_and_cpu_members_take_gloo():
         check_members(gpu("n1", "g0"), [gpu("n1", "g1"), gpu("n1", "g1")])
     with pytest.raises(MembersMismatch, match=r"learner\.weight_sync.*policy\.dtype"):
         check_members(gpu("n1", "g0"), [{**gpu("n1", "g1"), "layout": "other"}])
+
+
+def test_auto_follows_the_placement_of_rank0_and_the_replicas():
+    gpu = lambda node, uuid: {"layout": "L", "device": "cuda", "node": node, "gpu": uuid}  # noqa: E731
+    cpu = lambda node: {"layout": "L", "device": "cpu", "node": node, "gpu": None}  # noqa: E731
+    assert resolve_backend(gpu("n1", "g0"), [gpu("n1", "g0"), gpu("n1", "g0")]) == "cuda_ipc"
+    assert resolve_backend(gpu("n1", "g0"), [gpu("n1", "g1"), gpu("n2", "g0")]) == "collective"
+    # some share rank 0's GPU and some do not: neither handles nor NCCL reach all of them
+    assert resolve_backend(gpu("n1", "g0"), [gpu("n1", "g0"), gpu("n1", "g1")]) == "object_store"
+    assert resolve_backend(gpu("n1", "g0"), [gpu("n1", "g1"), gpu("n1", "g1")]) == "object_store"
+    assert resolve_backend(cpu("n1"), [cpu("n1"), cpu("n1")]) == "object_store"
+    assert resolve_backend(gpu("n1", "g0"), [cpu("n1")]) == "object_store"
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +83,18 @@ def _replicas(rollout) -> dict[str, dict]:
     return stats
 
 
-def _loads_since(before: dict, after: dict) -> dict[str, tuple[int, int]]:
-    """Per replica: (collective, object_store) loads between two _replicas() readings."""
+LOADS = ("collective", "object_store", "cuda_ipc")
+
+
+def _loads_since(before: dict, after: dict) -> dict[str, tuple[int, int, int]]:
+    """Per replica: (collective, object_store, cuda_ipc) loads between two _replicas() readings."""
     return {r: tuple(a["weight_loads"][k] - before.get(r, {"weight_loads": {k: 0}})["weight_loads"][k]
-                     for k in ("collective", "object_store")) for r, a in after.items()}
+                     for k in LOADS) for r, a in after.items()}
 
 
-def _one_step(cfg, tiny_policy_dir, rollout) -> tuple[dict, str, dict]:
+def _one_step(cfg, tiny_policy_dir, rollout) -> tuple[dict, str, dict, object]:
     """One RL step of a fresh trainer (which syncs version 0 first): its scalars, the learner's
-    weight digest, the replicas after it."""
+    weight digest, the replicas after it, its weight sync."""
     from deploy.train import GRPOTrainer
 
     trainer = GRPOTrainer(cfg, str(tiny_policy_dir), rollout)
@@ -87,35 +103,54 @@ def _one_step(cfg, tiny_policy_dir, rollout) -> tuple[dict, str, dict]:
         learner = state_digest(ray.get(trainer.learner.publish_weights()))
     finally:
         trainer.shutdown()
-    return scalars, learner, _replicas(rollout)
+    return scalars, learner, _replicas(rollout), trainer.weight_sync
 
 
-def test_collective_gives_every_replica_the_learners_weights_bitwise_as_object_store_does(two_replicas, tiny_policy_dir):
+def test_every_backend_gives_every_replica_the_learners_weights_bitwise(two_replicas, tiny_policy_dir):
+    """collective and cuda_ipc deliver what object_store does; auto picks object_store on CPUs."""
     cfg, rollout = two_replicas
     start = _replicas(rollout)
     runs, loads = {}, {}
-    for backend in ("object_store", "collective"):
+    for backend in ("object_store", "collective", "cuda_ipc", "auto"):
         before = _replicas(rollout)
-        runs[backend] = scalars, learner, after = _one_step(_with_backend(cfg, backend), tiny_policy_dir, rollout)
+        runs[backend] = scalars, learner, after, sync = _one_step(_with_backend(cfg, backend), tiny_policy_dir, rollout)
         loads[backend] = sorted(_loads_since(before, after).values())
         assert scalars["rollout/success_rate"] == 0.0, "a success makes the update depend on the rollouts"
         assert [r["version"] for r in after.values()] == [1, 1], backend
         assert [r["digest"] for r in after.values()] == [learner, learner], backend
     # each run synced twice (version 0 at start, version 1 after the step), each replica by its backend
-    assert loads == {"object_store": [(0, 2), (0, 2)], "collective": [(2, 0), (2, 0)]}, loads
-    assert runs["object_store"][1] == runs["collective"][1], "the backends served different weights after one update"
+    assert loads == {"object_store": [(0, 2, 0)] * 2, "collective": [(2, 0, 0)] * 2, "cuda_ipc": [(0, 0, 2)] * 2,
+                     "auto": [(0, 2, 0)] * 2}, loads
+    assert runs["auto"][3].resolved == "object_store"
+    assert len({run[1] for run in runs.values()}) == 1, "the backends served different weights after one update"
     assert runs["collective"][1] != next(iter(start.values()))["digest"], "the update did not move the weights"
-    print(f"\nweight sync of the tiny policy, CPU: object_store {runs['object_store'][0]['time/weight_sync_s']:.3f} s, "
-          f"collective {runs['collective'][0]['time/weight_sync_s']:.3f} s", flush=True)
+    print("\nweight sync of the tiny policy, CPU: " + ", ".join(
+        f"{b} {run[0]['time/weight_sync_s']:.3f} s" for b, run in runs.items()), flush=True)
 
 
-def test_a_killed_replica_comes_back_on_the_current_version_and_joins_the_next_broadcast(two_replicas, tiny_policy_dir):
+def test_a_lora_learner_delivers_its_merged_weights_by_every_backend(two_replicas, tiny_policy_dir):
+    """learner.lora: the replicas hold no adapters; each backend gives them the merged weights
+    (learner/lora.py merged_tensors) in the policy's own layout, the same bytes by every backend."""
+    cfg, rollout = two_replicas
+    lora = load_config(ROOT / "configs/tiny.yaml", ["learner.lora.rank=4"]).learner.lora
+    cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"lora": lora})})
+    digests = {}
+    for backend in ("object_store", "collective", "cuda_ipc"):
+        _, learner, after, _ = _one_step(_with_backend(cfg, backend), tiny_policy_dir, rollout)
+        assert [r["digest"] for r in after.values()] == [learner, learner], backend
+        digests[backend] = learner
+    assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.parametrize("backend", ["collective", "cuda_ipc"])
+def test_a_killed_replica_comes_back_on_the_current_version_and_joins_the_next_delivery(two_replicas, tiny_policy_dir,
+                                                                                        backend):
     from deploy.train import GRPOTrainer
 
     cfg, rollout = two_replicas
-    trainer = GRPOTrainer(_with_backend(cfg, "collective"), str(tiny_policy_dir), rollout)
+    trainer = GRPOTrainer(_with_backend(cfg, backend), str(tiny_policy_dir), rollout)
     try:
-        trainer.train_step()  # version 1, by broadcast
+        trainer.train_step()  # version 1, by the backend
         before = _replicas(rollout)
         victim = rollout.handle.pid.remote().result(timeout_s=30)
         os.kill(victim, signal.SIGKILL)
@@ -133,10 +168,10 @@ def test_a_killed_replica_comes_back_on_the_current_version_and_joins_the_next_b
         back = _replicas(rollout)
         (fresh,) = set(back) - set(before)
         # it loaded version 1 from the object-store copy before it took a request
-        assert back[fresh]["weight_loads"] == {"object_store": 1, "collective": 0}
+        assert back[fresh]["weight_loads"] == {"object_store": 1, "collective": 0, "cuda_ipc": 0}
         assert [r["version"] for r in back.values()] == [1, 1]
         assert [r["digest"] for r in back.values()] == [learner, learner]
-        scalars = trainer.train_step()  # version 2: a new formation, with the new replica in it
+        scalars = trainer.train_step()  # version 2, delivered to the new replica too (collective: a new formation)
         learner = state_digest(ray.get(trainer.learner.publish_weights()))
         after = _replicas(rollout)
     finally:
@@ -144,7 +179,8 @@ def test_a_killed_replica_comes_back_on_the_current_version_and_joins_the_next_b
     assert scalars["policy/version"] == 2 and scalars["rollout/policy_lag"] == 0.0
     assert [r["version"] for r in after.values()] == [2, 2]
     assert [r["digest"] for r in after.values()] == [learner, learner]
-    assert sorted(_loads_since(back, after).values()) == [(1, 0), (1, 0)], "both replicas got version 2 by broadcast"
+    by_backend = tuple(int(k == backend) for k in LOADS)
+    assert sorted(_loads_since(back, after).values()) == [by_backend] * 2, f"both replicas got version 2 by {backend}"
 
 
 def test_a_broadcast_that_breaks_midway_leaves_every_replica_on_whole_weights(two_replicas, tiny_policy_dir):
@@ -183,4 +219,69 @@ def test_a_broadcast_that_breaks_midway_leaves_every_replica_on_whole_weights(tw
         trainer.shutdown()
     assert [r["version"] for r in after.values()] == [0, 0]
     assert [r["digest"] for r in after.values()] == [state_digest(state)] * 2
-    assert sorted(_loads_since(before, after).values()) == [(0, 1), (0, 1)], "each reloaded the store's copy"
+    assert sorted(_loads_since(before, after).values()) == [(0, 1, 0)] * 2, "each reloaded the store's copy"
+
+
+def test_a_cuda_ipc_delivery_that_stalls_midway_leaves_every_replica_on_whole_weights(two_replicas, tiny_policy_dir):
+    """Rank 0 waits for a third receiver that never copies a bucket, so after the first two buckets
+    of its weights it refills none: each replica has written those into its model, gives up on the
+    third, and reloads the store's copy (other weights, here) before it serves again."""
+    from actors.weight_sync import serve_weights
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = two_replicas
+    trainer = GRPOTrainer(_with_backend(cfg, "cuda_ipc"), str(tiny_policy_dir), rollout)
+    try:
+        state = ray.get(trainer.learner.publish_weights())
+        other = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+        serve_weights(rollout, 7, ray.put(other), 2)  # the store's copy and the replicas: version 7, `other`
+        before = _replicas(rollout)
+        rank0, receivers = trainer.learner.rank0, sorted(before)
+        assert ray.get(rank0.open_weight_ipc.remote("stalled", [*receivers, "gone"], 1 << 20), timeout=60) > 2 << 20
+        try:
+            with pytest.raises(Exception, match="bucket 2 did not come within 3s"):
+                rollout.handle.broadcast("receive_weights_ipc", "stalled", receivers, rank0, 1 << 20, 8,
+                                         "never-published", 3.0).results(timeout_s=60)
+        finally:  # a shared file rank 0 holds when it is killed stays in /dev/shm
+            finished = ray.get(rank0.close_weight_ipc.remote("stalled"), timeout=60)
+        assert finished is False
+        after = _replicas(rollout)
+    finally:
+        trainer.shutdown()
+    assert [r["version"] for r in after.values()] == [7, 7]
+    assert [r["digest"] for r in after.values()] == [state_digest(other)] * 2
+    assert state_digest(other) != state_digest(state)
+    assert sorted(_loads_since(before, after).values()) == [(0, 1, 0)] * 2, "each reloaded the store's copy"
+
+
+def test_a_failed_cuda_ipc_delivery_falls_back_to_the_object_store(two_replicas, tiny_policy_dir, monkeypatch, capsys):
+    """A replica that does not answer within the deadline (stopped, here, and continued after it)
+    fails the delivery: the sync says so and every replica loads the version from the object store."""
+    import threading
+
+    from actors import weight_sync
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = two_replicas
+    trainer = GRPOTrainer(_with_backend(cfg, "cuda_ipc"), str(tiny_policy_dir), rollout)
+    try:
+        before = _replicas(rollout)
+        victim = rollout.handle.pid.remote().result(timeout_s=30)
+        monkeypatch.setattr(weight_sync, "GROUP_TIMEOUT_S", 3.0)
+        os.kill(victim, signal.SIGSTOP)
+        resume = threading.Timer(8.0, os.kill, (victim, signal.SIGCONT))
+        resume.start()
+        try:
+            trainer.version = 5
+            trainer.sync_weights()
+        finally:
+            resume.join()
+        learner = state_digest(ray.get(trainer.learner.publish_weights()))
+        after = _replicas(rollout)
+    finally:
+        trainer.shutdown()
+    assert "weight sync: the cuda_ipc delivery of version 5 failed" in capsys.readouterr().out
+    assert set(after) == set(before), "the stopped replica was replaced"
+    assert [r["version"] for r in after.values()] == [5, 5]
+    assert [r["digest"] for r in after.values()] == [learner, learner]
+    assert sorted(_loads_since(before, after).values()) == [(0, 1, 0)] * 2, "each loaded the store's copy"
