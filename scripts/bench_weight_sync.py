@@ -20,6 +20,7 @@ On one GPU, e.g. the 7B policy's shape built on the meta device and initialised 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -47,6 +48,7 @@ def main() -> None:
         parser.error(f"--backends: unknown {sorted(unknown)}; choose from {', '.join((*BACKENDS, 'auto'))}")
 
     import ray
+    import torch
 
     from common.config_loading import load_config
     from deploy.runtime import Rollout, apply_default_env, init_ray
@@ -58,6 +60,9 @@ def main() -> None:
     cfg = load_config(args.config, [f"run_dir={run_dir}", "cluster.learner_world_size=1",
                                     f"cluster.serve_replicas={args.replicas}", *args.overrides])
     policy_path = cfg.policy.path or save_policy(build_policy(cfg.policy, seed=0), run_dir / "policy")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the policy built here: its GPU memory goes to the learner and the replicas
     init_ray(cfg)
     rollout = Rollout.start(cfg, str(policy_path))
     report = {"config": str(args.config), "overrides": args.overrides, "replicas": args.replicas,

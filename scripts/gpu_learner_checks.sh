@@ -8,13 +8,13 @@
 #   learner   scripts/bench_learner.py, configs/oft7b.yaml: full-parameter forward+backward, then a LoRA
 #             GRPO mini-batch and the merge (two processes: a full-parameter OOM cannot take LoRA with it)
 #   devices   scripts/check_learner_devices.py: the demo's policy, a few GRPO steps on cpu and on cuda
-#   sync      scripts/bench_weight_sync.py: the 7B-shaped policy's weights, object_store against cuda_ipc
 #   step      scripts/bench_grpo_step.py, configs/gpu_1x16.yaml + LoRA: whole GRPO steps on LIBERO-Spatial
+#   sync      scripts/bench_weight_sync.py: the 7B-shaped policy's weights, object_store against cuda_ipc
 #   demo_step scripts/bench_grpo_step.py, configs/demo.yaml with the policy on the GPU (seconds per RL step)
 # Writes under $OUT (default runs/gpu_learner_checks): stack.txt, CHECK.log and CHECK.json per check.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_learner_checks}
-CHECKS=${CHECKS:-learner,devices,sync,step,demo_step}
+CHECKS=${CHECKS:-learner,devices,step,sync,demo_step}
 LIMIT_S=${LIMIT_S:-300}  # per check
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -50,12 +50,14 @@ check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes l
   --iters 2 --warmup 1 --out "$OUT/learner_lora.json" learner.micro_batch_chunks=16 learner.lora.rank=32
 check devices $PY scripts/check_learner_devices.py --config configs/demo.yaml --devices cpu,cuda --steps 4 \
   --out "$OUT/devices.json" policy.unnorm_key=tabletop_pretrain
-check sync $PY scripts/bench_weight_sync.py configs/oft7b.yaml --replicas 1 --syncs 3 \
-  --backends object_store,cuda_ipc --out "$OUT/sync.json" learner.lora.rank=32 cluster.replica_gpus=0.5 \
-  cluster.learner_gpus=0.5
 check step $PY scripts/bench_grpo_step.py --config configs/gpu_1x16.yaml --steps 2 --out "$OUT/step.json" \
   learner.lora.rank=32 learner.weight_sync=cuda_ipc learner.mini_batch_size=16 learner.micro_batch_chunks=16 \
   rollout.groups_per_batch=2 env.max_steps=128 learner.gradient_checkpointing=true
+# the step check's random 7B policy, when it saved one (the same shape): saves writing 15 GB again
+saved=runs/gpu_1x16/bench/random_policy
+check sync $PY scripts/bench_weight_sync.py configs/oft7b.yaml --replicas 1 --syncs 3 \
+  --backends object_store,cuda_ipc --json "$OUT/sync.json" learner.lora.rank=32 cluster.replica_gpus=0.5 \
+  cluster.learner_gpus=0.5 $( [ -e $saved/config.json ] && echo policy.path=$saved )
 check demo_step $PY scripts/bench_grpo_step.py --config configs/demo.yaml --steps 4 --out "$OUT/demo_step.json" \
   policy.unnorm_key=tabletop_pretrain "learner.loss_terms={}" policy.device=cuda cluster.replica_gpus=0.5 \
   cluster.learner_gpus=0.5 cluster.comm_backend=nccl cluster.num_env_workers=12 cluster.env_worker_cpus=1
