@@ -33,6 +33,13 @@ class WeightStore:
     def current(self) -> tuple[int | None, list]:
         return self.version, self.holder
 
+    def adopt(self) -> int:
+        """Own the current copy: an object lives as long as the process that put it, and the learner
+        rank that did is about to go while the replicas serve on. One copy of the weights, once."""
+        if self.holder:
+            self.holder = [ray.put(ray.get(self.holder[0], timeout=600))]
+        return self.version
+
 
 def start_weight_store(app_name: str):
     """The run's store (a named actor; an earlier run's on this cluster is reused and overwritten).
@@ -43,11 +50,18 @@ def start_weight_store(app_name: str):
                                lifetime=None, scheduling_strategy=on_driver_node).remote()
 
 
+def weight_store(app_name: str):
+    """The run's store, or None when no run started one (ray.put's `_owner` takes either)."""
+    try:
+        return ray.get_actor(store_name(app_name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
 def current_weights(app_name: str, timeout_s: float = 60.0) -> tuple[int | None, object]:
     """(version, state-dict ref) the run serves now; (None, None) before any publish or without a store."""
-    try:
-        store = ray.get_actor(store_name(app_name), namespace=NAMESPACE)
-    except ValueError:  # no run has started one (e.g. a replica serving a policy on its own)
+    store = weight_store(app_name)
+    if store is None:  # no run has started one (e.g. a replica serving a policy on its own)
         return None, None
     version, holder = ray.get(store.current.remote(), timeout=timeout_s)
     return version, (holder[0] if holder else None)

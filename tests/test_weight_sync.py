@@ -142,6 +142,43 @@ def test_a_lora_learner_delivers_its_merged_weights_by_every_backend(two_replica
     assert len(set(digests.values())) == 1, digests
 
 
+def _kill_a_replica(rollout) -> None:
+    """SIGKILL one replica and wait until Serve has replaced it (with its constructor arguments: the
+    initial policy, version 0, until it loads the store's current weights)."""
+    victim = rollout.handle.pid.remote().result(timeout_s=30)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            pids = rollout.handle.broadcast("pid").results(timeout_s=60)
+        except ray.exceptions.RayActorError as err:  # the router has not yet heard of its death
+            pids = [str(err)]
+        if len(pids) == 2 and victim not in pids:
+            return
+        assert time.monotonic() < deadline, f"the killed replica did not come back: {pids}"
+        time.sleep(1.0)
+
+
+def test_a_replica_restarted_after_the_learner_is_gone_serves_the_last_weights(two_replicas, tiny_policy_dir):
+    """The store's copy outlives the learner ranks that put it (the demo evaluates after GRPO ends)."""
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = two_replicas
+    trainer = GRPOTrainer(_with_backend(cfg, "object_store"), str(tiny_policy_dir), rollout)
+    try:
+        trainer.train_step()
+        learner = state_digest(ray.get(trainer.learner.publish_weights()))
+        served = _replicas(rollout)
+    finally:
+        trainer.shutdown(rollout_continues=True)
+    _kill_a_replica(rollout)
+    back = _replicas(rollout)
+    (fresh,) = set(back) - set(served)
+    assert back[fresh]["weight_loads"]["object_store"] == 1
+    assert [r["version"] for r in back.values()] == [1, 1]
+    assert [r["digest"] for r in back.values()] == [learner, learner]
+
+
 @pytest.mark.parametrize("backend", ["collective", "cuda_ipc"])
 def test_a_killed_replica_comes_back_on_the_current_version_and_joins_the_next_delivery(two_replicas, tiny_policy_dir,
                                                                                         backend):
@@ -152,18 +189,7 @@ def test_a_killed_replica_comes_back_on_the_current_version_and_joins_the_next_d
     try:
         trainer.train_step()  # version 1, by the backend
         before = _replicas(rollout)
-        victim = rollout.handle.pid.remote().result(timeout_s=30)
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while True:  # Serve replaces it with its constructor arguments: the initial policy, version 0
-            try:
-                pids = rollout.handle.broadcast("pid").results(timeout_s=60)
-            except ray.exceptions.RayActorError as err:  # the router has not yet heard of its death
-                pids = [str(err)]
-            if len(pids) == 2 and victim not in pids:
-                break
-            assert time.monotonic() < deadline, f"the killed replica did not come back: {pids}"
-            time.sleep(1.0)
+        _kill_a_replica(rollout)
         learner = state_digest(ray.get(trainer.learner.publish_weights()))
         back = _replicas(rollout)
         (fresh,) = set(back) - set(before)
