@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from peft.tuners.lora import LoraLayer, LoraModel
 
-from common.config import LoraConfig
+from common.config_learner import LoraConfig
 from policy.modeling import OpenVLAOFTPolicy
 
 LM_BLOCKS = "language_model.model.layers."

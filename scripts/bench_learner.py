@@ -49,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.config import LoraConfig  # noqa: E402
+from common.config_learner import LoraConfig  # noqa: E402
 from common.config_loading import ConfigError, load_config  # noqa: E402
 from common.records import Trajectory  # noqa: E402
 from learner.chunk_samples import ChunkSamples, micro_batches  # noqa: E402
