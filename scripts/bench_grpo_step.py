@@ -110,7 +110,8 @@ def write(result: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # a time limit ends through finally
+    # a time limit's SIGTERM ends the run through the finally blocks (the caller's handler comes back after)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     import ray
     import torch
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the random policy built here: its memory goes to the replica and the learner
+    owns_ray = not ray.is_initialized()  # a caller's cluster (the tests') stays up
     init_ray(cfg)
     rollout = trainer = None
     try:
@@ -154,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.shutdown()
         if rollout is not None:
             rollout.shutdown()
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
     result["paper_batch"] = extrapolate(result["steps"][-1], args.paper_groups, args.paper_group_size,
                                         args.paper_max_steps, cfg.policy.action_chunk)
     write(result, args.out)

@@ -1,26 +1,23 @@
 """scripts/bench_grpo_step.py runs whole GRPO steps through the real trainer on the CPU with the tiny
-config, times every phase, and extrapolates the paper's batch from the last step."""
+config (on the session's Ray cluster), times every phase, and extrapolates the paper's batch from
+the last step."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from scripts.bench_grpo_step import main
 
 GROUPS, GROUP_SIZE, MAX_STEPS, CHUNK = 2, 2, 16, 8
 
 
-def test_bench_grpo_step_times_every_phase_and_extrapolates(tmp_path):
+def test_bench_grpo_step_times_every_phase_and_extrapolates(ray_cluster, tiny_policy_dir, tmp_path, capsys):
     out = tmp_path / "step.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/bench_grpo_step.py"), "--config", "configs/tiny.yaml", "--steps", "2",
-         "--paper-groups", "4", "--paper-group-size", "8", "--paper-max-steps", "32", "--out", str(out),
-         f"env.max_steps={MAX_STEPS}", f"rollout.groups_per_batch={GROUPS}", f"rollout.group_size={GROUP_SIZE}",
-         f"learner.mini_batch_size={GROUPS * GROUP_SIZE}", "cluster.learner_world_size=1", "policy.path=null",
-         f"run_dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main(["--config", "configs/tiny.yaml", "--steps", "2", "--paper-groups", "4", "--paper-group-size", "8",
+          "--paper-max-steps", "32", "--out", str(out), f"env.max_steps={MAX_STEPS}",
+          f"rollout.groups_per_batch={GROUPS}", f"rollout.group_size={GROUP_SIZE}",
+          f"learner.mini_batch_size={GROUPS * GROUP_SIZE}", "cluster.learner_world_size=1",
+          f"policy.path={tiny_policy_dir}", f"run_dir={tmp_path / 'run'}"])
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and len(result["steps"]) == 2
     assert "rollout.min_group_success=0" in result["overrides"]  # a random policy's groups are trained, not dropped
@@ -36,13 +33,14 @@ def test_bench_grpo_step_times_every_phase_and_extrapolates(tmp_path):
     assert abs(paper["seconds"]["train"] - 128 * last["train_s_per_chunk"]) < 1e-6
     assert abs(paper["seconds"]["rollout"] - 1024 / last["env_steps_per_s"]) < 1e-6
     assert paper["seconds"]["weight_sync"] == last["seconds"]["weight_sync"]
-    assert "paper batch (4 x 8, 32 steps)" in proc.stdout and "chunks x" in proc.stdout
+    printed = capsys.readouterr().out
+    assert "paper batch (4 x 8, 32 steps)" in printed and "chunks x" in printed
+    assert ray_cluster.is_initialized()  # the session's cluster is the caller's: left up
 
 
-def test_a_bad_override_stops_the_bench_before_anything_starts(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/bench_grpo_step.py"), "--config", "configs/tiny.yaml",
-         "learner.weight_sync=carrier_pigeon", f"run_dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "learner.weight_sync" in proc.stderr.strip().splitlines()[-1]
+def test_a_bad_override_stops_the_bench_before_anything_starts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", "configs/tiny.yaml", "learner.weight_sync=carrier_pigeon", f"run_dir={tmp_path / 'run'}"])
+    assert stop.value.code == 2
+    assert "learner.weight_sync" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
