@@ -16,6 +16,8 @@ set -uo pipefail
 OUT=${OUT:-runs/gpu_learner_checks}
 CHECKS=${CHECKS:-learner,devices,step,sync,demo_step}
 LIMIT_S=${LIMIT_S:-300}  # per check
+# STEP_ENV: env overrides for the step check, e.g. the built-in tabletop suite where LIBERO is not installed:
+#   STEP_ENV="env.backend=tabletop env.suite=tabletop env.image_size=224 env.num_steps_wait=0"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
@@ -52,7 +54,7 @@ check devices $PY scripts/check_learner_devices.py --config configs/demo.yaml --
   --out "$OUT/devices.json" policy.unnorm_key=tabletop_pretrain
 check step $PY scripts/bench_grpo_step.py --config configs/gpu_1x16.yaml --steps 2 --out "$OUT/step.json" \
   learner.lora.rank=32 learner.weight_sync=cuda_ipc learner.mini_batch_size=16 learner.micro_batch_chunks=16 \
-  rollout.groups_per_batch=2 env.max_steps=128 learner.gradient_checkpointing=true
+  rollout.groups_per_batch=2 env.max_steps=128 learner.gradient_checkpointing=true ${STEP_ENV:-}
 # the step check's random 7B policy, when it saved one (the same shape): saves writing 15 GB again
 saved=runs/gpu_1x16/bench/random_policy
 check sync $PY scripts/bench_weight_sync.py configs/oft7b.yaml --replicas 1 --syncs 3 \
