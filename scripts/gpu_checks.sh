@@ -16,25 +16,15 @@ SIM_SECONDS=${SIM_SECONDS:-20}
 LIMIT_S=${LIMIT_S:-450}  # the benchmark is stopped here (its JSON keeps the phases done): the script ends inside 9 minutes
 PHASES=${PHASES:-sim,inference,ours,lockstep}
 # EXTRA: more key=value overrides for a variant run, e.g. EXTRA="policy.compile=true cluster.worker_request_groups=1"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
-export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# libEGL.so.1 / libGLdispatch come with the bundle (glvnd dispatchers; the image has only the NVIDIA vendor libraries)
-if [ -d /opt/stash/dirs/gl ]; then export LD_LIBRARY_PATH=/opt/stash/dirs/gl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; fi
-PY=${PYTHON:-python3}
-
+source "$(dirname "$0")/gpu_env.sh"
 {
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
-  echo "cores: $(nproc)"
   $PY -c "import sys, torch, transformers, ray, mujoco, numpy; print(sys.version.split()[0], 'torch', torch.__version__, \
 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'ray', ray.__version__, 'mujoco', \
 mujoco.__version__, 'numpy', numpy.__version__)"
   # LIBERO offline: writes its config.yaml, verifies the 864 asset files once (the stamp spares every
   # env worker the hashing), probes the GL backend (egl expected) and imports libero
   $PY -c "from env_workers.libero.bootstrap import ensure_libero; print('libero:', ensure_libero())"
-} 2>&1 | tee "$OUT/stack.txt"
+} 2>&1 | tee -a "$OUT/stack.txt"
 
 status=0
 timeout --signal=TERM --kill-after=15 "$LIMIT_S" $PY scripts/bench_gpu.py --config configs/gpu_1x16.yaml \

@@ -18,20 +18,11 @@ CHECKS=${CHECKS:-learner,devices,step,sync,demo_step}
 LIMIT_S=${LIMIT_S:-300}  # per check
 # STEP_ENV: env overrides for the step check, e.g. the built-in tabletop suite where LIBERO is not installed:
 #   STEP_ENV="env.backend=tabletop env.suite=tabletop env.image_size=224 env.num_steps_wait=0"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
-export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ -d /opt/stash/dirs/gl ]; then export LD_LIBRARY_PATH=/opt/stash/dirs/gl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; fi
-PY=${PYTHON:-python3}
-
+source "$(dirname "$0")/gpu_env.sh"
 {
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
-  echo "cores: $(nproc)"
   $PY -c "import torch, transformers, peft, deepspeed; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'deepspeed', deepspeed.__version__)"
-} 2>&1 | tee "$OUT/stack.txt"
+} 2>&1 | tee -a "$OUT/stack.txt"
 
 status=0
 check() {  # check NAME COMMAND...: run it under the time limit, log to $OUT/NAME.log
