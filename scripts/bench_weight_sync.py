@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--syncs", type=int, default=5)
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated learner.weight_sync values")
     parser.add_argument("--json", default=None, help="where the figures go (default: the run folder's bench.json)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # key=value overrides may come after the options
     backends = args.backends.split(",")
     if unknown := set(backends) - {*BACKENDS, "auto"}:
         parser.error(f"--backends: unknown {sorted(unknown)}; choose from {', '.join((*BACKENDS, 'auto'))}")
