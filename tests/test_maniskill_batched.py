@@ -257,3 +257,19 @@ def test_bench_gpu_mode_runs_the_batched_path_on_cpu(tmp_path):
     for r in rows:
         assert r["env_steps"] == 6 and r["rendered_steps_per_s"] > 0 and r["sim_backend"] == "physx_cpu"
     assert "rendered steps/s" in proc.stdout
+
+
+def test_physx_cuda_without_the_physx_gpu_library_fails_offline_naming_the_file(tmp_path, monkeypatch):
+    """SAPIEN would fetch PhysX's GPU library from GitHub at the first GPU scene; we refuse instead."""
+    import sapien
+
+    from env_workers.maniskill.bootstrap import check_physx_gpu
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    lib = tmp_path / ".sapien" / "physx" / sapien.physx.version() / "libPhysXGpu_64.so"
+    with pytest.raises(RuntimeError, match=r"env\.sim_backend physx_cuda needs PhysX's GPU library at .*libPhysXGpu_64\.so"):
+        check_physx_gpu()
+    assert not lib.parent.exists()  # nothing fetched, nothing created
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")
+    check_physx_gpu()

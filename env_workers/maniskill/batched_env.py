@@ -31,7 +31,7 @@ from common.config import EnvConfig
 from common.records import Observation
 from env_workers.api import Split, configured_tasks, split_init_states
 from env_workers.maniskill import conventions
-from env_workers.maniskill.bootstrap import ensure_maniskill
+from env_workers.maniskill.bootstrap import check_physx_gpu, ensure_maniskill
 from env_workers.maniskill.env import camera_rgb, make_maniskill, quiet_maniskill
 from env_workers.maniskill.scene_episodes import SceneEpisodes
 from env_workers.maniskill.tasks import batch_task, get_task, suite_tasks
@@ -50,6 +50,8 @@ class BatchedManiSkillEnv:
         self.cfg = cfg
         self.num_envs = num_envs
         self.render_backend = ensure_maniskill()
+        if cfg.sim_backend == "physx_cuda":
+            check_physx_gpu()
         self._gym = make_maniskill(self.task, num_envs, cfg.sim_backend, self.render_backend, cfg.image_size)
         self.sim = self._gym.unwrapped
         self.episodes = SceneEpisodes(num_envs, cfg.step_limit(self.task.name))

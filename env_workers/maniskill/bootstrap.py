@@ -65,6 +65,23 @@ def check_offline(task: str) -> None:
                            "offline and supports only tasks built from what the mani-skill wheel ships")
 
 
+def check_physx_gpu() -> None:
+    """sim_backend physx_cuda: SAPIEN loads PhysX's GPU library from ~/.sapien/physx/<version>/, and
+    when it is missing fetches it from GitHub at the first GPU scene. We never fetch at run time: a
+    missing library fails here, naming the file and where to get it once."""
+    from pathlib import Path
+
+    import sapien
+
+    version = sapien.physx.version()
+    lib = Path.home() / ".sapien" / "physx" / version / "libPhysXGpu_64.so"
+    if not lib.exists():
+        raise RuntimeError(
+            f"env.sim_backend physx_cuda needs PhysX's GPU library at {lib}, which SAPIEN would download at run time; "
+            f"place it there once (unzip https://github.com/sapien-sim/physx-precompiled/releases/download/{version}/"
+            f"linux-so.zip into {lib.parent}; docs/maniskill.md), or use env.sim_backend physx_cpu")
+
+
 def ensure_maniskill() -> str:
     """Make `mani_skill.envs` (the task registry) importable and import it; returns the render backend.
     Raises ManiSkillUnavailable or RenderDeviceError, each with the fix."""
