@@ -129,15 +129,19 @@ def test_every_backend_gives_every_replica_the_learners_weights_bitwise(two_repl
 
 
 def test_a_lora_learner_delivers_its_merged_weights_by_every_backend(two_replicas, tiny_policy_dir):
-    """learner.lora: the replicas hold no adapters; each backend gives them the merged weights
-    (learner/lora.py merged_tensors) in the policy's own layout, the same bytes by every backend."""
+    """learner.lora: the replicas hold no adapters; the collective and CUDA-IPC backends give them the
+    merged weights (learner/lora.py merged_tensors) in the policy's own layout, the bytes rank 0
+    publishes to the object store (LearnerEngine.weights: merged too)."""
     cfg, rollout = two_replicas
     lora = load_config(ROOT / "configs/tiny.yaml", ["learner.lora.rank=4"]).learner.lora
     cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"lora": lora})})
     digests = {}
-    for backend in ("object_store", "collective", "cuda_ipc"):
+    for backend in ("collective", "cuda_ipc"):
+        before = _replicas(rollout)
         _, learner, after, _ = _one_step(_with_backend(cfg, backend), tiny_policy_dir, rollout)
         assert [r["digest"] for r in after.values()] == [learner, learner], backend
+        by_backend = tuple(2 * int(k == backend) for k in LOADS)  # version 0 and version 1, both by the backend
+        assert sorted(_loads_since(before, after).values()) == [by_backend] * 2, backend
         digests[backend] = learner
     assert len(set(digests.values())) == 1, digests
 
