@@ -128,7 +128,7 @@ def test_every_backend_gives_every_replica_the_learners_weights_bitwise(two_repl
         f"{b} {run[0]['time/weight_sync_s']:.3f} s" for b, run in runs.items()), flush=True)
 
 
-def test_a_lora_learner_delivers_its_merged_weights_by_every_backend(two_replicas, tiny_policy_dir):
+def test_a_lora_learner_delivers_its_merged_weights_by_collective_and_cuda_ipc(two_replicas, tiny_policy_dir):
     """learner.lora: the replicas hold no adapters; the collective and CUDA-IPC backends give them the
     merged weights (learner/lora.py merged_tensors) in the policy's own layout, the bytes rank 0
     publishes to the object store (LearnerEngine.weights: merged too)."""
