@@ -174,6 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from deploy.runtime import apply_default_env
+
+    apply_default_env()  # before anything imports MuJoCo or DeepSpeed (the preflight's task lists do)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command != "config":
@@ -182,10 +185,6 @@ def main(argv: list[str] | None = None) -> None:
             preflight(cfg, args.command)  # what only this machine can tell, before any Ray process starts
     except ConfigError as err:
         sys.exit(str(err))
-    if args.command != "config":
-        from deploy.runtime import apply_default_env
-
-        apply_default_env()  # before anything imports MuJoCo or DeepSpeed
     COMMANDS[args.command][0](cfg, args)
 
 
