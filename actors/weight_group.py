@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
@@ -84,6 +85,34 @@ def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[list[Piece]]:
     return buckets
 
 
+class SentTensors:
+    """A sender's side of the byte stream: the flat bytes of `state`'s tensors in layout order, each
+    made when the stream reaches it. `merge(name, tensor)` gives the tensor to send in place of the
+    state's own (LoRA's merged weight, learner/lora.py); only the one being packed is kept, so a
+    sender never holds a second copy of the weights."""
+
+    def __init__(self, state: dict[str, torch.Tensor], merge: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
+        self.state, self.merge = state, merge
+        self.names = [name for name, _, _ in layout(state)]
+        self.sizes = [state[n].numel() * state[n].element_size() for n in self.names]
+        self.device = next(iter(state.values())).device
+        self.current: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.current is None or self.current[0] != index:
+            self.current = None  # the previous one goes before the next is made
+            name = self.names[index]
+            tensor = self.state[name].detach()
+            self.current = index, _bytes(self.merge(name, tensor) if self.merge else tensor, writable=False)
+        return self.current[1]
+
+    def release(self) -> None:
+        self.current = None
+
+
 def _bytes(t: torch.Tensor, writable: bool) -> torch.Tensor:
     """A flat uint8 view of `t`'s storage (a receiver writes through it into the model)."""
     if writable and not t.is_contiguous():
@@ -115,16 +144,18 @@ class WeightGroup:
             self.pg = dist.ProcessGroupGloo(store, rank, spec.world_size, timeout)
         self.timeout = timeout
 
-    def send(self, state: dict[str, torch.Tensor]) -> int:
-        """Rank 0: broadcast every tensor of `state`, bucket by bucket. Returns the bytes sent."""
-        tensors = [_bytes(state[name].detach(), writable=False) for name, _, _ in layout(state)]
-        bucket = self._bucket(tensors)
-        for pieces in plan_buckets([t.numel() for t in tensors], self.spec.bucket_bytes):
+    @torch.no_grad()
+    def send(self, state: dict[str, torch.Tensor], merge=None) -> int:
+        """Rank 0: broadcast every tensor of `state` (each through `merge`: SentTensors), bucket by
+        bucket. Returns the bytes sent."""
+        tensors = SentTensors(state, merge)
+        bucket = self._bucket(tensors.device, sum(tensors.sizes))
+        for pieces in plan_buckets(tensors.sizes, self.spec.bucket_bytes):
             used = bucket[: pieces[-1][2] + pieces[-1][3]]
             for i, src, dst, n in pieces:
                 used[dst : dst + n].copy_(tensors[i][src : src + n])
             self._broadcast(used)
-        return sum(t.numel() for t in tensors)
+        return sum(tensors.sizes)
 
     @torch.no_grad()
     def receive(self, state: dict[str, torch.Tensor]) -> None:
@@ -132,17 +163,16 @@ class WeightGroup:
         Between the first bucket and the last the model is half-updated: the caller must not serve
         until this returns, or, on an error, until it has loaded whole weights again."""
         tensors = [_bytes(state[name], writable=True) for name, _, _ in layout(state)]
-        bucket = self._bucket(tensors)
+        bucket = self._bucket(tensors[0].device, sum(t.numel() for t in tensors))
         for pieces in plan_buckets([t.numel() for t in tensors], self.spec.bucket_bytes):
             used = bucket[: pieces[-1][2] + pieces[-1][3]]
             self._broadcast(used)
             for i, src, dst, n in pieces:
                 tensors[i][src : src + n].copy_(used[dst : dst + n])
 
-    def _bucket(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _bucket(self, device: torch.device, total: int) -> torch.Tensor:
         # NCCL moves GPU memory; gloo here moves CPU buffers (a GPU member copies through them)
-        device = tensors[0].device if self.spec.backend == "nccl" else torch.device("cpu")
-        total = sum(t.numel() for t in tensors)
+        device = device if self.spec.backend == "nccl" else torch.device("cpu")
         return torch.empty(min(self.spec.bucket_bytes, max(total, 1)), dtype=torch.uint8, device=device)
 
     def _broadcast(self, bucket: torch.Tensor) -> None:

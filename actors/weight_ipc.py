@@ -27,7 +27,7 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 import torch.multiprocessing
 
-from actors.weight_group import _bytes, layout, plan_buckets
+from actors.weight_group import SentTensors, _bytes, layout, plan_buckets
 
 Fetch = Callable[[int], "bytes | None"]  # bucket index -> its handle, b"" past the last, None: not yet
 
@@ -43,15 +43,16 @@ class IpcSender:
     """Rank 0's side of one delivery to `receivers` (their ids). Every call comes from the actor's
     one task thread, so no lock is needed; `next` never blocks (a receiver asks again)."""
 
-    def __init__(self, state: dict[str, torch.Tensor], receivers: list[str], bucket_bytes: int):
-        # views of the model's own storage: no copy of the state dict is made
-        self.tensors = [_bytes(state[name].detach(), writable=False) for name, _, _ in layout(state)]
-        self.plan = plan_buckets([t.numel() for t in self.tensors], bucket_bytes)
+    def __init__(self, state: dict[str, torch.Tensor], receivers: list[str], bucket_bytes: int, merge=None):
+        # the model's own storage, each tensor (through `merge`) made when its bucket is packed:
+        # no copy of the state dict is made
+        self.tensors = SentTensors(state, merge)
+        self.plan = plan_buckets(self.tensors.sizes, bucket_bytes)
         self.done = {r: -1 for r in receivers}  # per receiver, the last bucket it copied
-        device = self.tensors[0].device
+        device = self.tensors.device
         if device.type == "cpu":  # a handle another process (not forked from this one) can open by name
             torch.multiprocessing.set_sharing_strategy("file_system")
-        size = min(bucket_bytes, max(sum(t.numel() for t in self.tensors), 1))
+        size = min(bucket_bytes, max(self.bytes, 1))
         self.buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(len(self.plan), 2))]
         for buffer in self.buffers:
             if device.type == "cpu":
@@ -61,7 +62,7 @@ class IpcSender:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() for t in self.tensors)
+        return sum(self.tensors.sizes)
 
     def finished(self) -> bool:
         return all(d == len(self.plan) - 1 for d in self.done.values())
@@ -70,6 +71,7 @@ class IpcSender:
         """Free the buffers now. On the CPU their shared files go once the receivers closed theirs; a
         process killed while it holds one leaves it in /dev/shm (Ray ends torch's cleanup daemon with it)."""
         self.buffers, self.filled, self.held = [], [], []
+        self.tensors.release()
 
     def next(self, receiver: str, bucket: int) -> bytes | None:
         """`receiver` has copied every bucket before `bucket` and asks for it (again, after a None):

@@ -1,16 +1,24 @@
 """How the learner's weights reach the Serve replicas after an update (learner.weight_sync).
 
-Every backend runs the same three steps, and differs only in the second:
-1. rank 0 puts the state dict in the object store once, and the WeightStore records it with its
-   version (services/weight_store.py): a replica that (re)starts loads it before it serves;
-2. `deliver`: object_store does nothing more here; collective broadcasts the weights over a
-   process group of rank 0 and the replicas (actors/weight_group.py); cuda_ipc hands them to the
-   replicas on rank 0's own GPU through shared-memory handles (actors/weight_ipc.py);
-3. `broadcast_weights` calls set_weights(version, ref) on every replica until all report the
-   version. A replica that holds that copy already (step 2 delivered it) only takes the version;
-   any other (started meanwhile, or the broadcast failed) loads it from the object store.
-Step 3 is what makes a failed or partial delivery safe, so a new backend only writes `deliver`.
-auto picks one of the three at the first sync, from where rank 0's and the replicas' weights live.
+Every backend runs the same three steps, and differs only in the first:
+1. `deliver`: object_store does nothing here; collective broadcasts the weights over a process
+   group of rank 0 and the replicas (actors/weight_group.py); cuda_ipc hands them to the replicas
+   on rank 0's own GPU through shared-memory handles (actors/weight_ipc.py). Each sync's weights
+   have an id of their own, which a replica records with what it received;
+2. the store copy: rank 0 copies the state dict into the object store, and the WeightStore
+   records it with its version and id (services/weight_store.py): a replica that (re)starts loads
+   it before it serves. The copy is queued on rank 0 behind the delivery and the sync does not
+   wait for it: rank 0 makes it while the next rollout runs, and runs no later task (an update)
+   before it, so it holds this version's weights. At 7B it takes seconds (a 14 GB copy to host
+   memory and into the store) that a delivery does not;
+3. `broadcast_weights` calls set_weights(version, ref, id) on every replica until all report the
+   version. A replica that holds the id already (step 1 delivered it) only takes the version;
+   any other (started meanwhile, or the delivery failed) loads the store's copy, waiting for it.
+Step 3 is what makes a failed or partial delivery safe, so a new backend only writes `deliver`. A
+replica that fails midway through a delivery reloads the store's whole weights: the version
+before, or, while the store holds none yet (a run's first sync), this one's, which that sync puts
+before it delivers. auto picks one of the three at the first sync, from where rank 0's
+and the replicas' weights live.
 """
 
 from __future__ import annotations
@@ -29,9 +37,9 @@ DELIVERY_TIMEOUT_S = 600.0  # the whole broadcast, every bucket to every replica
 
 
 def serve_weights(rollout, version: int, state_ref, replicas: int) -> None:
-    """Steps 1 (the store) and 3 for weights already in the object store, e.g. a validated policy."""
+    """Steps 2 (the store) and 3 for weights already in the object store, e.g. a validated policy."""
     ray.get(rollout.weights.publish.remote(version, [state_ref]), timeout=60)
-    broadcast_weights(rollout.handle, version, state_ref, replicas)
+    broadcast_weights(rollout.handle, version, state_ref, state_ref.hex(), replicas)
 
 
 class ObjectStoreSync:
@@ -41,13 +49,23 @@ class ObjectStoreSync:
         self.cfg, self.learner, self.rollout = cfg, learner, rollout
 
     def sync(self, version: int) -> None:
-        state_ref = self.learner.publish_weights()
-        ray.get(self.rollout.weights.publish.remote(version, [state_ref]), timeout=60)
-        self.deliver(version, state_ref)
-        broadcast_weights(self.rollout.handle, version, state_ref, self.cfg.cluster.serve_replicas)
+        weights_id = uuid.uuid4().hex
+        stored, _, _ = ray.get(self.rollout.weights.current.remote(), timeout=60)
+        if stored is None:  # the first sync: whole weights in the store before any delivery
+            state_ref = self.store_copy(version, weights_id)
+        self.deliver(version, weights_id)
+        if stored is not None:  # queued behind the delivery, made while the next rollout runs
+            state_ref = self.store_copy(version, weights_id)
+        broadcast_weights(self.rollout.handle, version, state_ref, weights_id, self.cfg.cluster.serve_replicas)
 
-    def deliver(self, version: int, state_ref) -> None:
-        """Nothing: the replicas load `state_ref` in set_weights."""
+    def store_copy(self, version: int, weights_id: str):
+        """Step 2: the ref to rank 0's copy of the current weights, being made, in the store."""
+        state_ref = self.learner.publish_weights()
+        ray.get(self.rollout.weights.publish.remote(version, [state_ref], weights_id), timeout=60)
+        return state_ref
+
+    def deliver(self, version: int, weights_id: str) -> None:
+        """Nothing: the replicas load the store's copy in set_weights."""
 
 
 class CollectiveSync(ObjectStoreSync):
@@ -64,14 +82,14 @@ class CollectiveSync(ObjectStoreSync):
         self.group_id: str | None = None
         self.members: list[str] = []  # replica ids of the formation, sorted
 
-    def deliver(self, version: int, state_ref) -> None:
+    def deliver(self, version: int, weights_id: str) -> None:
         handle = self.rollout.handle
         try:
             group_id = self.formation()
             if group_id is None:
                 return
             sent = self.learner.rank0.send_weights.remote(group_id)
-            received = handle.broadcast("receive_weights", group_id, version, state_ref.hex())
+            received = handle.broadcast("receive_weights", group_id, version, weights_id)
             received.results(timeout_s=DELIVERY_TIMEOUT_S)
             ray.get(sent, timeout=DELIVERY_TIMEOUT_S)
         except MembersMismatch:
@@ -117,9 +135,9 @@ class CudaIpcSync(ObjectStoreSync):
         super().__init__(cfg, learner, rollout)
         self.told_elsewhere = False  # said once that some replicas are elsewhere
 
-    def deliver(self, version: int, state_ref) -> None:
+    def deliver(self, version: int, weights_id: str) -> None:
         try:
-            self.hand_over(version, state_ref.hex())
+            self.hand_over(version, weights_id)
         except MembersMismatch:
             raise  # no retry helps
         except Exception as err:  # a replica died or timed out: step 3 gives every replica the store's copy

@@ -53,7 +53,7 @@ def run_demo(cfg: RunConfig) -> dict:
         try:
             ended_by = trainer.run(run_dir / "rl_policy", deadline)
         finally:
-            trainer.shutdown(rollout_continues=True)
+            trainer.shutdown()
 
         say("greedy eval of the RL policy on held-out initial states")
         rl_report = evaluate(rollout, run_dir / "eval_rl", cfg.eval.episodes_per_task, cfg.eval.videos)

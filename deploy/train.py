@@ -298,11 +298,9 @@ class GRPOTrainer:
         print(f"resumed from {folder} at step {self.step} (version {self.version})", flush=True)
         return True
 
-    def shutdown(self, rollout_continues: bool = False) -> None:
-        """End the learner. `rollout_continues`: the replicas serve on (the demo's final evaluation),
-        so the store takes over the weights the learner put there, for a replica that restarts."""
-        if rollout_continues:
-            ray.get(self.rollout.weights.adopt.remote(), timeout=660)
+    def shutdown(self) -> None:
+        """End the learner. The replicas may serve on (the demo's final evaluation): the store's copy
+        of the weights is this process's, and outlives the ranks."""
         self.learner.shutdown()
         if self.owns_logger:
             self.logger.close()

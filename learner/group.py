@@ -111,9 +111,11 @@ class LearnerWorker:
                                       batch_samples=len(images))
         return {"loss": s.loss, "grad_norm": s.grad_norm}
 
-    def publish_weights(self) -> list:
-        """Rank 0 puts the full state dict in the object store once; replicas read it by ref."""
-        return [ray.put(self.engine.weights())] if self.rank == 0 else []
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Rank 0's full state dict on the host, in the replicas' layout (LoRA merged)."""
+        if self.rank != 0:
+            raise RuntimeError("the learner's weights are read from rank 0")
+        return self.engine.weights()
 
     # --- learner.weight_sync: collective (rank 0 only; actors/weight_sync.py drives these) ----------
     def weight_member(self) -> dict:
@@ -141,11 +143,11 @@ class LearnerWorker:
         """Broadcast the current weights to the members of `group_id`; the bytes sent."""
         if self.weight_group is None or self.weight_group.spec.group_id != group_id:
             raise RuntimeError(f"weight sync: rank 0 is not in the broadcast group {group_id}")
-        from learner.lora import merged_tensors
+        from learner.lora import base_layout, merger
 
         try:
-            # in the replicas' layout; with LoRA the merged layers exist (on the GPU) for the broadcast
-            return self.weight_group.send(dict(merged_tensors(self.policy.model)))
+            # in the replicas' layout; with LoRA each layer is merged as its bucket is packed
+            return self.weight_group.send(base_layout(self.policy.model), merger(self.policy.model))
         except Exception:
             self.weight_group = None  # a failed formation is never used again
             raise
@@ -154,15 +156,15 @@ class LearnerWorker:
     def open_weight_ipc(self, session: str, receivers: list[str], bucket_bytes: int) -> int:
         """Start delivering the current weights to `receivers` through shared-memory handles
         (actors/weight_ipc.py): they stream from the model's tensors on this rank's device, bucket by
-        bucket, with no copy of the state dict (with LoRA, of the merged layers only). Replaces a
-        delivery still open. The bytes to deliver."""
+        bucket, with no copy of the state dict (with LoRA, each layer is merged as its bucket is packed).
+        Replaces a delivery still open. The bytes to deliver."""
         from actors.weight_ipc import IpcSender
-        from learner.lora import merged_tensors
+        from learner.lora import base_layout, merger
 
         if self.ipc is not None:
             self.ipc[1].close()
-        # in the replicas' layout; with LoRA the merged layers exist (on the GPU) until the delivery closes
-        self.ipc = session, IpcSender(dict(merged_tensors(self.policy.model)), receivers, bucket_bytes)
+        model = self.policy.model
+        self.ipc = session, IpcSender(base_layout(model), receivers, bucket_bytes, merger(model))
         return self.ipc[1].bytes
 
     def weight_ipc_next(self, session: str, receiver: str, bucket: int) -> bytes | None:
@@ -237,7 +239,10 @@ class LearnerGroup:
         return {k: float(np.mean([o[k] for o in out])) for k in out[0]}
 
     def publish_weights(self):
-        return ray.get(self.workers[0].publish_weights.remote(), timeout=self.timeout)[0]
+        """A ref to rank 0's weights as of this call, copied into the object store by a task queued on
+        rank 0: it may finish later, but runs before any call made after it (an update), so it holds
+        these weights. The caller owns the copy: it outlives the ranks. Read it with a deadline."""
+        return self.workers[0].weights.remote()
 
     @property
     def rank0(self):

@@ -10,7 +10,7 @@ DeepSpeed checkpoints keep the adapters as they are (peft's names), so a resume 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 import peft
 import torch
@@ -81,27 +81,32 @@ def base_layout(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key.replace(BASE_LAYER + ".", "."): t for key, t in model.state_dict().items() if not is_adapter(key)}
 
 
-@torch.no_grad()
 def merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the model's state dict in the base layout, on the model's device: an adapted
     layer's weight as W + its adapters' scale x B A (added in float32, in W's dtype) under W's own
     name, adapter tensors left out. Unadapted tensors are the model's own (no copy); each merged one
     is computed when its turn comes, so at most one extra weight exists at a time. Without adapters:
     the state dict as it is."""
+    merge = merger(model)
+    for name, tensor in base_layout(model).items():
+        yield name, merge(name, tensor)
+
+
+def merger(model: nn.Module) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """merge(name, tensor): the tensor `merged_tensors` yields for an entry of `base_layout(model)`,
+    computed alone (senders that stream the weights bucket by bucket merge each as they pack it)."""
     adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    for key, tensor in model.state_dict().items():
-        if is_adapter(key):
-            continue
-        owner, _, leaf = key.rpartition(".")
-        layer_name = owner[: -len(BASE_LAYER)] if owner.endswith(BASE_LAYER) else None
-        layer = adapted.get(layer_name) if layer_name is not None else None
-        if layer is None:
-            yield key, tensor
-            continue
-        if leaf == "weight":
-            merged = tensor.float()
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
-                    merged = merged + layer.get_delta_weight(adapter).float()
-            tensor = merged.to(tensor.dtype)
-        yield f"{layer_name}.{leaf}", tensor
+
+    @torch.no_grad()
+    def merge(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        layer_name, _, leaf = name.rpartition(".")
+        layer = adapted.get(layer_name)
+        if layer is None or leaf != "weight":
+            return tensor
+        merged = tensor.float()
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                merged = merged + layer.get_delta_weight(adapter).float()
+        return merged.to(tensor.dtype)
+
+    return merge

@@ -2,8 +2,9 @@
 trainer, learner rank and Serve replicas of CONFIG (default: the tiny test policy, random weights).
 
 For each backend a trainer starts (its first sync, version 0, also forms the collective group),
-then `--syncs` more syncs are timed one by one: each puts the learner's weights in the object store
-and delivers them to every replica. The replicas' own counts of how they got their weights show
+then `--syncs` more syncs are timed one by one: each delivers the learner's weights to every
+replica, and rank 0 then copies them into the object store for replicas that restart (after the
+sync returns; also timed, from the sync's start until that copy is ready). The replicas' own counts of how they got their weights show
 which backend delivered (cuda_ipc reaches only replicas on learner rank 0's GPU, or node on CPUs;
 the others load from the object store). A sanity figure for the machine it runs on, not a benchmark.
 Prints one line per backend and writes every figure to --json.
@@ -74,7 +75,7 @@ def main() -> None:
             start = time.perf_counter()
             trainer = GRPOTrainer(run, str(policy_path), rollout)  # includes the first sync
             first = time.perf_counter() - start
-            seconds = []
+            seconds, stored = [], []
             try:
                 if "weights_mb" not in report:
                     state = ray.get(trainer.learner.publish_weights(), timeout=300)
@@ -85,6 +86,10 @@ def main() -> None:
                     start = time.perf_counter()
                     trainer.sync_weights()
                     seconds.append(time.perf_counter() - start)
+                    # the store's copy, made on rank 0 after the sync returned (off the sync's path)
+                    _, holder, _ = ray.get(rollout.weights.current.remote(), timeout=60)
+                    ray.wait(holder, timeout=600)
+                    stored.append(time.perf_counter() - start)
                 resolved = getattr(trainer.weight_sync, "resolved", backend)
             finally:
                 trainer.shutdown()
@@ -94,10 +99,12 @@ def main() -> None:
             report["backends"][backend] = {
                 "resolved": resolved, "sync_median_s": median, "sync_min_s": min(seconds),
                 "sync_max_s": max(seconds), "syncs_s": seconds, "trainer_start_with_first_sync_s": first,
+                "store_copy_ready_median_s": statistics.median(stored),
                 "weights_GB_per_s": report["weights_mb"] / 1024 / median, "replica_loads": loads}
             print(f"{backend:>12}: {args.replicas} replicas, sync median {median:.3f} s "
                   f"(min {min(seconds):.3f}, max {max(seconds):.3f}, {args.syncs} syncs), "
-                  f"{report['weights_mb'] / 1024 / median:.2f} GB/s; replicas loaded by {loads}"
+                  f"{report['weights_mb'] / 1024 / median:.2f} GB/s; the store's copy ready "
+                  f"{statistics.median(stored):.3f} s after the sync began; replicas loaded by {loads}"
                   f"{f' ({resolved})' if backend == 'auto' else ''}; trainer start with the first sync {first:.1f} s",
                   flush=True)
     finally:

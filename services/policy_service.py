@@ -48,7 +48,7 @@ class PolicyDeployment:
         if cfg.compile:  # compiles lazily, once per batch shape, on the first requests
             self.policy.model.compile_blocks()
         self.version = version
-        self.weights_id: str | None = None  # the object-store copy this replica's weights equal
+        self.weights_id: str | None = None  # which published weights this replica's equal (a sync's id)
         self.weight_group = None  # actors/weight_group.py: WeightGroup, once the driver forms one
         self.loads = {"object_store": 0, "collective": 0, "cuda_ipc": 0}  # how it got its weights, so far
         # a replica that (re)starts after the run published weights serves those, not its initial ones
@@ -97,21 +97,20 @@ class PolicyDeployment:
 
     def _load_current(self) -> None:
         """The weights the run serves now (services/weight_store.py), if it published any."""
-        current, state_ref = current_weights(APP_NAME)
+        current, state_ref, weights_id = current_weights(APP_NAME)
         if current is not None:
-            self.policy.model.load_state_dict(ray.get(state_ref, timeout=300), strict=True)
-            self.version, self.weights_id = current, state_ref.hex()
+            self.policy.model.load_state_dict(ray.get(state_ref, timeout=600), strict=True)
+            self.version, self.weights_id = current, weights_id
             self.loads["object_store"] += 1
 
-    async def set_weights(self, version: int, state_ref_holder: list) -> int:
-        """Swap to `version`. The state dict arrives by object-store ref (wrapped in a list so Serve
-        passes the ref, not the value); loading it is synchronous, hence atomic w.r.t. batches. A
-        replica that holds these weights already (a collective broadcast delivered them) only
-        takes the version."""
-        state_ref = state_ref_holder[0]
-        if state_ref.hex() != self.weights_id:
-            self.policy.model.load_state_dict(ray.get(state_ref, timeout=300), strict=True)
-            self.weights_id = state_ref.hex()
+    async def set_weights(self, version: int, state_ref_holder: list, weights_id: str) -> int:
+        """Swap to `version`, the weights `weights_id`. The state dict arrives by object-store ref
+        (wrapped in a list so Serve passes the ref, not the value); loading it is synchronous, hence
+        atomic w.r.t. batches. A replica that holds these weights already (a collective or CUDA-IPC
+        delivery brought them) only takes the version."""
+        if weights_id != self.weights_id:
+            self.policy.model.load_state_dict(ray.get(state_ref_holder[0], timeout=600), strict=True)
+            self.weights_id = weights_id
             self.loads["object_store"] += 1
         self.version = version
         return version
@@ -143,8 +142,8 @@ class PolicyDeployment:
     async def receive_weights(self, group_id: str, version: int, weights_id: str) -> int | None:
         """Receive rank 0's broadcast into the model and swap to `version`. Synchronous on the event
         loop like set_weights, so no batch runs on half-received weights; a broadcast that fails
-        midway is repaired from the object-store copy (published before the broadcast) before the
-        loop runs a batch again. None: not a member of `group_id` (set_weights delivers instead)."""
+        midway is repaired from the store's whole weights (actors/weight_sync.py) before the loop
+        runs a batch again. None: not a member of `group_id` (set_weights delivers instead)."""
         group = self.weight_group
         if group is None or group.spec.group_id != group_id:
             return None
@@ -240,14 +239,15 @@ def replica_error(app_name: str) -> str:
     return lines[-1] if lines else "(no message recorded)"
 
 
-def broadcast_weights(handle, version: int, state_ref, replicas: int, timeout_s: float = 120.0) -> None:
-    """Every one of `replicas` replicas swaps to `version` (DeploymentHandle.broadcast). A replica
-    that is down or still starting misses a broadcast; it loads the store's weights when it starts,
-    so the broadcast is retried until all `replicas` report `version`."""
+def broadcast_weights(handle, version: int, state_ref, weights_id: str, replicas: int, timeout_s: float = 300.0) -> None:
+    """Every one of `replicas` replicas swaps to `version`, the weights `weights_id` of `state_ref`
+    (DeploymentHandle.broadcast). A replica that is down or still starting misses a broadcast; it
+    loads the store's weights when it starts, so the broadcast is retried until all `replicas`
+    report `version`."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            versions = handle.broadcast("set_weights", version, [state_ref]).results(timeout_s=timeout_s)
+            versions = handle.broadcast("set_weights", version, [state_ref], weights_id).results(timeout_s=timeout_s)
         except Exception as err:  # a replica died mid-call: Serve replaces it
             versions = [f"error: {type(err).__name__}"]
         if len(versions) == replicas and set(versions) == {version}:

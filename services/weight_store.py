@@ -5,7 +5,11 @@ version 0. Every replica therefore asks this named actor for the current (versio
 it takes requests, and the trainer publishes here before it broadcasts a new version, so a
 restarted replica never serves stale weights.
 
-The store holds a reference to the state dict in the object store (no copy of the tensors).
+The store holds a reference to the state dict in the object store (no copy of the tensors) and
+the id of those weights (a replica that holds weights of that id needs no load). The reference may
+be to a copy still being made (actors/weight_sync.py): a replica that reads it waits for it. Its
+owner is the trainer that asked for it, so it outlives the learner ranks that made it (the demo's
+final evaluation serves on after GRPO ends).
 """
 
 from __future__ import annotations
@@ -25,20 +29,16 @@ class WeightStore:
     def __init__(self):
         self.version: int | None = None
         self.holder: list = []  # [ObjectRef of {name: tensor}]: a list, so Ray passes the ref, not the value
+        self.weights_id: str | None = None
 
-    def publish(self, version: int, holder: list) -> int:
+    def publish(self, version: int, holder: list, weights_id: str | None = None) -> int:
+        """`weights_id`: the id replicas record for these weights (default: the ref's own)."""
         self.version, self.holder = version, holder
+        self.weights_id = weights_id or (holder[0].hex() if holder else None)
         return version
 
-    def current(self) -> tuple[int | None, list]:
-        return self.version, self.holder
-
-    def adopt(self) -> int:
-        """Own the current copy: an object lives as long as the process that put it, and the learner
-        rank that did is about to go while the replicas serve on. One copy of the weights, once."""
-        if self.holder:
-            self.holder = [ray.put(ray.get(self.holder[0], timeout=600))]
-        return self.version
+    def current(self) -> tuple[int | None, list, str | None]:
+        return self.version, self.holder, self.weights_id
 
 
 def start_weight_store(app_name: str):
@@ -58,10 +58,11 @@ def weight_store(app_name: str):
         return None
 
 
-def current_weights(app_name: str, timeout_s: float = 60.0) -> tuple[int | None, object]:
-    """(version, state-dict ref) the run serves now; (None, None) before any publish or without a store."""
+def current_weights(app_name: str, timeout_s: float = 60.0) -> tuple[int | None, object, str | None]:
+    """(version, state-dict ref, weights id) the run serves now; (None, None, None) before any
+    publish or without a store."""
     store = weight_store(app_name)
     if store is None:  # no run has started one (e.g. a replica serving a policy on its own)
-        return None, None
-    version, holder = ray.get(store.current.remote(), timeout=timeout_s)
-    return version, (holder[0] if holder else None)
+        return None, None, None
+    version, holder, weights_id = ray.get(store.current.remote(), timeout=timeout_s)
+    return version, (holder[0] if holder else None), weights_id

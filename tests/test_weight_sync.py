@@ -146,6 +146,30 @@ def test_a_lora_learner_delivers_its_merged_weights_by_collective_and_cuda_ipc(t
     assert len(set(digests.values())) == 1, digests
 
 
+def test_the_store_copy_made_after_a_delivery_holds_the_delivered_version(two_replicas, tiny_policy_dir):
+    """cuda_ipc: the sync returns once the replicas have the weights; rank 0 copies them into the
+    store after that, queued ahead of the next update, so the store's version 1 is what the replicas
+    got as version 1 (a restarted replica loads it), not what the learner holds later."""
+    from deploy.train import GRPOTrainer
+
+    cfg, rollout = two_replicas
+    trainer = GRPOTrainer(_with_backend(cfg, "cuda_ipc"), str(tiny_policy_dir), rollout)
+    try:
+        before = _replicas(rollout)
+        trainer.train_step()  # version 1
+        version, holder, weights_id = ray.get(rollout.weights.current.remote(), timeout=60)
+        served = _replicas(rollout)
+        trainer.train_step()  # version 2
+        stored = state_digest(ray.get(holder[0], timeout=120))
+        later = state_digest(ray.get(trainer.learner.publish_weights(), timeout=120))
+    finally:
+        trainer.shutdown()
+    assert version == 1 and len(weights_id) == 32
+    assert [r["digest"] for r in served.values()] == [stored, stored]
+    assert stored != later, "the update did not move the weights"
+    assert sorted(_loads_since(before, served).values()) == [(0, 0, 1)] * 2, "delivered, never loaded from the store"
+
+
 def _kill_a_replica(rollout) -> None:
     """SIGKILL one replica and wait until Serve has replaced it (with its constructor arguments: the
     initial policy, version 0, until it loads the store's current weights)."""
@@ -174,7 +198,7 @@ def test_a_replica_restarted_after_the_learner_is_gone_serves_the_last_weights(t
         learner = state_digest(ray.get(trainer.learner.publish_weights()))
         served = _replicas(rollout)
     finally:
-        trainer.shutdown(rollout_continues=True)
+        trainer.shutdown()
     _kill_a_replica(rollout)
     back = _replicas(rollout)
     (fresh,) = set(back) - set(served)
