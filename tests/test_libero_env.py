@@ -120,6 +120,37 @@ def test_step_returns_step_results_and_stops_at_the_step_limit(env):
     np.testing.assert_array_equal(chunk.observation.image, results[-1].observation.image)
 
 
+def test_a_chunk_renders_only_its_last_image_and_equals_stepping_one_by_one(env, monkeypatch):
+    """step_chunk blanks the camera for all but the chunk's last step: the same physics, the same
+    last image and proprio as `step` by `step`, one render per chunk; a chunk that hits the step
+    limit (12) midway renders where it ended (robosuite's own step samples the camera at one of its
+    physics substeps, so that image is of the same state but need not be the same bytes)."""
+    actions = np.random.default_rng(3).uniform(-1, 1, (16, 7))
+    env.reset(TASK, 4)
+    stepped = [env.step(a) for a in actions[: env.max_steps]]
+    assert stepped[-1].done
+    state = env.sim_state()
+    env.reset(TASK, 4)
+    observable = env.robosuite_env.env._observables["agentview_image"]
+    real, renders = observable._sensor, []
+
+    def counted(obs_cache):
+        renders.append(1)
+        return real(obs_cache)
+
+    counted.__modality__ = real.__modality__
+    monkeypatch.setattr(observable, "_sensor", counted)
+    first = env.step_chunk(actions[:8])
+    assert (first.steps, first.done, len(renders)) == (8, False, 1)
+    np.testing.assert_array_equal(first.observation.image, stepped[7].observation.image)
+    np.testing.assert_array_equal(first.observation.proprio, stepped[7].observation.proprio)
+    second = env.step_chunk(actions[8:16])  # the limit comes after 4 of its 8 actions
+    assert (second.steps, second.done, second.success, len(renders)) == (4, True, False, 2)
+    np.testing.assert_array_equal(second.observation.proprio, stepped[-1].observation.proprio)
+    np.testing.assert_array_equal(env.sim_state(), state)
+    assert np.abs(second.observation.image.astype(int) - stepped[-1].observation.image).mean() < 2.0
+
+
 def test_success_is_detected_when_the_bowl_is_put_on_the_plate(env):
     env.reset(TASK, 0)
     rs = env.robosuite_env.env

@@ -113,7 +113,26 @@ class LiberoEnv:
         return StepResult(observation=self.observe(), success=self.success, done=self._done)
 
     def step_chunk(self, actions: np.ndarray, keep_frames: bool = False) -> ChunkResult:
-        return step_each(self, actions, keep_frames)  # robosuite renders its observables inside every step
+        """robosuite renders the camera inside every step; the policy reads only the chunk's last
+        image, so the steps before it get a blank one: the same physics, proprio and last image as
+        `step` by `step`, one render per chunk instead of one per action (a render costs more than
+        the physics of a step). A chunk that ends the episode midway renders where it ended (no
+        policy reads that image). Videos render every step."""
+        actions = np.asarray(actions)
+        if keep_frames or len(actions) < 2:
+            return step_each(self, actions, keep_frames)
+        blank = _BlankCamera(self._env.env._observables[f"{CAMERA}_image"])
+        with blank:
+            for i, action in enumerate(actions):
+                if i == len(actions) - 1:
+                    blank.restore()
+                result = self.step(action)
+                if result.done:
+                    break
+        if i < len(actions) - 1:  # ended early: the image of where it ended
+            self._obs = {**self._obs, f"{CAMERA}_image": blank.real({})}
+            result = StepResult(observation=self.observe(), success=result.success, done=result.done)
+        return ChunkResult(observation=result.observation, success=result.success, done=result.done, steps=i + 1)
 
     def close(self) -> None:
         if self._env is not None:
