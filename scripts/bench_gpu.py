@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true", help="inference: also time the forward as a CUDA graph")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come before options
     if args.out is None:
         args.out = Path(os.environ["OUT"]) / "bench_gpu.json" if os.environ.get("OUT") else Path("runs/bench_gpu.json")
     if unknown := set(args.phases) - set(PHASES):

@@ -15,7 +15,8 @@ ENV_STEPS=${ENV_STEPS:-256}
 SIM_SECONDS=${SIM_SECONDS:-20}
 LIMIT_S=${LIMIT_S:-450}  # the benchmark is stopped here (its JSON keeps the phases done): the script ends inside 9 minutes
 PHASES=${PHASES:-sim,inference,ours,lockstep}
-# EXTRA: more key=value overrides for a variant run, e.g. EXTRA="policy.compile=true cluster.worker_request_groups=1"
+# EXTRA: more options and key=value overrides for a variant run, e.g. the regional torch.compile in the
+# inference phase and the replica: EXTRA="--compile policy.compile=true"
 source "$(dirname "$0")/gpu_env.sh"
 {
   $PY -c "import sys, torch, transformers, ray, mujoco, numpy; print(sys.version.split()[0], 'torch', torch.__version__, \

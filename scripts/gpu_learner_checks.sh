@@ -43,12 +43,13 @@ check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes l
   --iters 2 --warmup 1 --out "$OUT/learner_lora.json" learner.micro_batch_chunks=16 learner.lora.rank=32
 check devices $PY scripts/check_learner_devices.py --config configs/demo.yaml --devices cpu,cuda --steps 4 \
   --out "$OUT/devices.json" policy.unnorm_key=tabletop_pretrain
+# 6 groups x 8 = 48 episodes: one per env slot of the config
 check step $PY scripts/bench_grpo_step.py --config configs/gpu_1x16.yaml --steps 2 --out "$OUT/step.json" \
   learner.lora.rank=32 learner.weight_sync=cuda_ipc learner.mini_batch_size=16 learner.micro_batch_chunks=16 \
-  rollout.groups_per_batch=2 env.max_steps=128 learner.gradient_checkpointing=true ${STEP_ENV:-}
+  rollout.groups_per_batch=6 env.max_steps=128 learner.gradient_checkpointing=false ${STEP_ENV:-}
 # the step check's random 7B policy, when it saved one (the same shape): saves writing 15 GB again
 saved=runs/gpu_1x16/bench/random_policy
-check sync $PY scripts/bench_weight_sync.py configs/oft7b.yaml --replicas 1 --syncs 3 \
+check sync $PY scripts/bench_weight_sync.py configs/oft7b.yaml --replicas 1 --syncs ${SYNCS:-3} \
   --backends object_store,cuda_ipc --json "$OUT/sync.json" learner.lora.rank=32 cluster.replica_gpus=0.5 \
   cluster.learner_gpus=0.5 $( [ -e $saved/config.json ] && echo policy.path=$saved )
 check demo_step $PY scripts/bench_grpo_step.py --config configs/demo.yaml --steps 4 --out "$OUT/demo_step.json" \
