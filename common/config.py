@@ -81,8 +81,12 @@ class InitStateConfig(Section):
     `paper` trains and evaluates on the same states, as the original does."""
 
     split: Literal["disjoint", "paper"] = "disjoint"
-    num_train: int = Field(50, gt=0)
-    num_eval: int = Field(50, gt=0)
+    num_train: int = Field(25, gt=0)
+    num_eval: int = Field(25, gt=0)
+
+    def needed(self) -> int:
+        """Initial states per task the split takes."""
+        return self.num_train + (self.num_eval if self.split == "disjoint" else 0)
 
 
 class EnvConfig(Section):
@@ -124,6 +128,14 @@ class EnvConfig(Section):
         if self.batched_sim and self.backend != "maniskill":
             raise ValueError(f"env.sim_backend physx_cuda / env.batched exist for the maniskill backend only "
                              f"(backend is {self.backend!r})")
+        if self.backend == "libero":
+            from env_workers.libero.suites import NUM_INIT_STATES  # numpy only: no LIBERO import
+
+            if self.init_states.needed() > NUM_INIT_STATES:
+                s = self.init_states
+                raise ValueError(f"init_states: every LIBERO task has {NUM_INIT_STATES} initial states, but split "
+                                 f"{s.split!r} with num_train={s.num_train}, num_eval={s.num_eval} needs "
+                                 f"{s.needed()}; e.g. num_train=25, num_eval=25")
         if self.batched_sim and self.num_steps_wait:
             raise ValueError(f"env.num_steps_wait must be 0 for a batched ManiSkill env (settle steps would step "
                              f"every scene of the batch), got {self.num_steps_wait}")

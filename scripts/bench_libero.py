@@ -6,7 +6,8 @@ rollout pipeline (Serve policy + N env workers) with a random tiny policy.
                                    [--episode-steps 64] [--skip-pipeline]
 
 Part 1 pins itself to one core and times `env.step` (OSC control + physics + one agentview
-render) under random delta actions, plus env build and reset times. Part 2 starts a local Ray
+render) under random delta actions, then `env.step_chunk` on chunks of 8 such actions (one render
+per chunk, as the rollout steps), plus env build and reset times. Part 2 starts a local Ray
 cluster with the tiny policy (configs/tiny.yaml) and reports env steps/s in total and per worker,
 env builds excluded (a warm-up round builds them). Writes a JSON (default runs/bench_libero.json).
 """
@@ -56,9 +57,20 @@ def bench_one_env(suite: str, size: int, steps: int, msaa: bool) -> dict:
         done = env.step(action).done
         n += 1
     step_s = time.perf_counter() - t0
+    # as the rollout steps: chunks of 8 actions, the camera rendered once per chunk (LiberoEnv.step_chunk)
+    env.reset(task, 0)
+    t0 = time.perf_counter()
+    chunked = 0
+    done = False
+    while not done:
+        actions = np.concatenate([rng.uniform(-0.5, 0.5, (8, 6)), rng.choice([-1.0, 1.0], (8, 1))], axis=1)
+        result = env.step_chunk(actions)
+        chunked, done = chunked + result.steps, result.done
+    chunk_s = time.perf_counter() - t0
     env.close()
     return {"suite": suite, "task": task, "image_size": size, "msaa": msaa, "gl": env.gl, "steps": n,
-            "steps_per_s": n / step_s, "step_ms": step_s / n * 1e3, "build_s": build_s,
+            "steps_per_s": n / step_s, "step_ms": step_s / n * 1e3,
+            "chunk8_steps_per_s": chunked / chunk_s, "chunk8_step_ms": chunk_s / chunked * 1e3, "build_s": build_s,
             "reset_s": float(np.mean(resets)), "reset_note": "reset + set_init_state + num_steps_wait settle steps"}
 
 
@@ -119,7 +131,8 @@ def main(argv=None) -> int:
     result["one_env_one_core"] = r
     print(f"one env, one core: {r['steps_per_s']:.1f} rendered env steps/s at {r['image_size']} px "
           f"(MSAA {'on' if r['msaa'] else 'off'}, {r['gl']}; step {r['step_ms']:.1f} ms, build {r['build_s']:.1f} s, "
-          f"reset {r['reset_s']:.2f} s)", flush=True)
+          f"reset {r['reset_s']:.2f} s); in chunks of 8 actions, one render each: {r['chunk8_steps_per_s']:.1f} env "
+          f"steps/s ({r['chunk8_step_ms']:.1f} ms a step)", flush=True)
     if not args.skip_pipeline:
         q = bench_pipeline(args)
         result["pipeline"] = q

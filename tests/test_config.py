@@ -77,6 +77,7 @@ BAD_OVERRIDES = [
     (["rollout.queue_capacity=100"], ["queue_capacity", "groups_per_batch x group_size = 512"]),
     (["learner.weight_sync=nccl"], ["learner.weight_sync", "auto", "object_store", "collective", "cuda_ipc"]),
     (["learner.weight_sync_bucket_mb=0"], ["learner.weight_sync_bucket_mb", "greater than 0"]),
+    (["env.init_states.num_train=40"], ["init_states", "50 initial states", "needs 65"]),
 ]
 
 

@@ -209,7 +209,7 @@ def test_disjoint_split_keeps_train_and_eval_states_apart(env):
 def test_paper_split_evaluates_on_the_training_states_and_bad_splits_name_the_field():
     e = make_env(_cfg(init_states={"split": "paper", "num_train": 50, "num_eval": 50}))
     assert e.init_states(TASK, "eval") == e.init_states(TASK, "train") == list(range(NUM_INIT_STATES))
-    with pytest.raises(ValueError, match="env.init_states"):
+    with pytest.raises(ValueError, match="init_states: every LIBERO task has 50"):
         make_env(_cfg(init_states={"split": "disjoint", "num_train": 40, "num_eval": 20}))
     with pytest.raises(ValueError, match="unknown task"):
         make_env(_cfg(tasks=["pick_up_the_bowl"]))
