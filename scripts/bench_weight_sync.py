@@ -64,10 +64,14 @@ def main() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the policy built here: its GPU memory goes to the learner and the replicas
+    out = Path(args.json) if args.json else run_dir / "bench.json"
+    report = {"config": str(args.config), "overrides": args.overrides, "replicas": args.replicas,
+              "bucket_mb": cfg.learner.weight_sync_bucket_mb, "backends": {}, "syncs_so_far": {}}
+    start = time.perf_counter()
     init_ray(cfg)
     rollout = Rollout.start(cfg, str(policy_path))
-    report = {"config": str(args.config), "overrides": args.overrides, "replicas": args.replicas,
-              "bucket_mb": cfg.learner.weight_sync_bucket_mb, "backends": {}}
+    report["rollout_start_s"] = time.perf_counter() - start
+    print(f"replicas up in {report['rollout_start_s']:.1f} s", flush=True)
     try:
         for backend in backends:
             run = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"weight_sync": backend})})
@@ -75,6 +79,7 @@ def main() -> None:
             start = time.perf_counter()
             trainer = GRPOTrainer(run, str(policy_path), rollout)  # includes the first sync
             first = time.perf_counter() - start
+            print(f"{backend}: trainer up with its first sync in {first:.1f} s", flush=True)
             seconds, stored = [], []
             try:
                 if "weights_mb" not in report:
@@ -90,6 +95,12 @@ def main() -> None:
                     _, holder, _ = ray.get(rollout.weights.current.remote(), timeout=60)
                     ray.wait(holder, timeout=600)
                     stored.append(time.perf_counter() - start)
+                    # a run cut short (a time limit) keeps every sync it timed
+                    report["syncs_so_far"][backend] = {"syncs_s": seconds, "store_copy_ready_s": stored,
+                                                       "trainer_start_with_first_sync_s": first}
+                    out.write_text(json.dumps(report, indent=2))
+                    print(f"{backend}: sync {seconds[-1]:.3f} s, the store's copy ready {stored[-1]:.3f} s after "
+                          f"it began", flush=True)
                 resolved = getattr(trainer.weight_sync, "resolved", backend)
             finally:
                 trainer.shutdown()
@@ -109,7 +120,7 @@ def main() -> None:
                   flush=True)
     finally:
         rollout.shutdown()
-    out = Path(args.json) if args.json else run_dir / "bench.json"
+    del report["syncs_so_far"]
     out.write_text(json.dumps(report, indent=2))
     print(f"figures: {out}", flush=True)
 

@@ -50,8 +50,8 @@ check step $PY scripts/bench_grpo_step.py --config configs/gpu_1x16.yaml --steps
 # the step check's random 7B policy, when it saved one (the same shape): saves writing 15 GB again
 saved=runs/gpu_1x16/bench/random_policy
 check sync $PY scripts/bench_weight_sync.py configs/oft7b.yaml --replicas 1 --syncs ${SYNCS:-3} \
-  --backends object_store,cuda_ipc --json "$OUT/sync.json" learner.lora.rank=32 cluster.replica_gpus=0.5 \
-  cluster.learner_gpus=0.5 $( [ -e $saved/config.json ] && echo policy.path=$saved )
+  --backends cuda_ipc,object_store --json "$OUT/sync.json" learner.lora.rank=32 cluster.replica_gpus=0.5 \
+  cluster.learner_gpus=0.5 cluster.num_env_workers=1 cluster.envs_per_worker=1 $( [ -e $saved/config.json ] && echo policy.path=$saved )
 check demo_step $PY scripts/bench_grpo_step.py --config configs/demo.yaml --steps 4 --out "$OUT/demo_step.json" \
   policy.unnorm_key=tabletop_pretrain "learner.loss_terms={}" policy.device=cuda cluster.replica_gpus=0.5 \
   cluster.learner_gpus=0.5 cluster.comm_backend=nccl cluster.num_env_workers=12 cluster.env_worker_cpus=1
