@@ -15,7 +15,7 @@
 set -uo pipefail
 OUT=${OUT:-runs/gpu_learner_checks}
 CHECKS=${CHECKS:-learner,devices,step,sync,demo_step}
-LIMIT_S=${LIMIT_S:-300}  # per check
+LIMIT_S=${LIMIT_S:-300}  # per check; at 7B the step check's roles alone take ~3 min to start: give it LIMIT_S=560
 # STEP_ENV: env overrides for the step check, e.g. the built-in tabletop suite where LIBERO is not installed:
 #   STEP_ENV="env.backend=tabletop env.suite=tabletop env.image_size=224 env.num_steps_wait=0"
 source "$(dirname "$0")/gpu_env.sh"
