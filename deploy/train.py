@@ -300,7 +300,13 @@ class GRPOTrainer:
 
     def shutdown(self) -> None:
         """End the learner. The replicas may serve on (the demo's final evaluation): the store's copy
-        of the weights is this process's, and outlives the ranks."""
+        of the weights is this process's and outlives the ranks, once rank 0 has finished making it
+        (the last sync does not wait for it)."""
+        try:
+            _, holder, _ = ray.get(self.rollout.weights.current.remote(), timeout=60)
+        except ray.exceptions.RayActorError:  # the rollout is gone already: no replica needs the copy
+            holder = []
+        ray.wait(holder, timeout=660)
         self.learner.shutdown()
         if self.owns_logger:
             self.logger.close()
