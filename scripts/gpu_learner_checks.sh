@@ -39,6 +39,9 @@ check() {  # check NAME COMMAND...: run it under the time limit, log to $OUT/NAM
 
 check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes full_fwd_bwd --samples 16 \
   --iters 3 --warmup 1 --out "$OUT/learner_full.json" learner.micro_batch_chunks=8
+# twice the micro-batch: larger matmuls, ~17 GiB more activations (a process of its own: an OOM ends only it)
+check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes full_fwd_bwd --samples 32 \
+  --iters 3 --warmup 1 --out "$OUT/learner_full16.json" learner.micro_batch_chunks=16
 check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes lora,merge --samples 64 \
   --iters 2 --warmup 1 --out "$OUT/learner_lora.json" learner.micro_batch_chunks=16 learner.lora.rank=32
 check devices $PY scripts/check_learner_devices.py --config configs/demo.yaml --devices cpu,cuda --steps 4 \
