@@ -28,7 +28,7 @@ status=0
 check() {  # check NAME COMMAND...: run it under the time limit, log to $OUT/NAME.log
   local name=$1; shift
   case ",$CHECKS," in *",$name,"*) ;; *) return 0 ;; esac
-  echo "=== $name: $*" | tee "$OUT/$name.log"
+  echo "=== $name: $*" | tee -a "$OUT/$name.log"
   local t0=$SECONDS rc=0
   timeout --signal=TERM --kill-after=15 "$LIMIT_S" "$@" >>"$OUT/$name.log" 2>&1 || rc=$?
   ray stop --force >/dev/null 2>&1 || true  # a check cut short leaves no cluster for the next
