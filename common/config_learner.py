@@ -67,6 +67,11 @@ class LearnerConfig(Section):
     epochs: int = Field(1, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2] = 2
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: the fp32 master weights, the gradients' fp32 copy and Adam's moments "
+        "live in host memory and the optimiser steps on the CPU; the GPU keeps the bf16 weights, gradients and "
+        "activations. What lets full-parameter training of the 7B policy fit one GPU (~16 bytes per trained "
+        "parameter: ~30 GB on the GPU, ~90 GB of host memory at 7.5 B); needs zero_stage 1 or 2")
     sync_every: int = Field(1, gt=0)
     weight_sync: Literal["auto", "object_store", "collective", "cuda_ipc"] = Field(
         "auto", description="how new weights reach the Serve replicas. object_store: rank 0 puts the state dict "
@@ -75,7 +80,7 @@ class LearnerConfig(Section):
         "when all of them are on GPUs, each on its own GPU; gloo otherwise). cuda_ipc: the replicas on rank 0's "
         "own GPU (on CPUs, its node) copy it bucket by bucket from rank 0's buffers through shared-memory "
         "handles; replicas elsewhere fetch the object-store copy. Every backend still puts that copy, on rank "
-        "0's node, for replicas that (re)start. auto (the default) picks at the first sync: cuda_ipc when every "
+        "0's node, for replicas that (re)start, after the sync (which does not wait for it). auto (the default) picks at the first sync: cuda_ipc when every "
         "replica shares rank 0's GPU, collective when every replica and rank 0 have a GPU each, object_store "
         "otherwise (CPU runs)")
     weight_sync_bucket_mb: int = Field(
@@ -91,6 +96,13 @@ class LearnerConfig(Section):
     lora: LoraConfig | None = Field(
         None, description="train low-rank adapters instead of every parameter (LoraConfig); None = full training")
 
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_optimizer and self.zero_stage not in (1, 2):
+            raise ValueError(f"offload_optimizer needs zero_stage 1 or 2 (ZeRO's flat fp32 partition is what moves "
+                             f"to host memory), got zero_stage {self.zero_stage}")
+        return self
 
 class SFTConfig(Section):
     demos_per_task: int = Field(1, gt=0)

@@ -54,6 +54,14 @@ def sft_batch_loss(policy: VLAPolicy, images: np.ndarray, instructions: list[str
     return sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
 
 
+def offload(cfg: LearnerConfig) -> dict:
+    """learner.offload_optimizer: ZeRO's fp32 partition and Adam's state in host memory, pinned where a
+    GPU copies to and from it."""
+    if not cfg.offload_optimizer:
+        return {}
+    return {"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
+
+
 class LearnerEngine:
     """`micro_batch`: samples (chunks) per forward/backward on this rank."""
 
@@ -79,8 +87,11 @@ class LearnerEngine:
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_optimization": {"stage": cfg.zero_stage, **offload(cfg)},
             "zero_allow_untested_optimizer": True,
+            # learner.offload_optimizer: the fused AdamW above steps ZeRO's host partition (DeepSpeed's own
+            # CPUAdam would need its C++ extension built on every machine)
+            "zero_force_ds_cpu_optimizer": False,
             "bf16": {"enabled": next(policy.model.parameters()).dtype == torch.bfloat16},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,

@@ -18,13 +18,16 @@ Modes (any subset; full_fwd_bwd runs first, on the policy before adapters are at
   full_fwd_bwd  every parameter trainable (as the learner without LoRA), forward and backward of the
                 same micro-batches and loss with plain autograd, no optimiser: at 7B the fp32 master
                 weights and Adam state (~16 bytes a parameter) fit no single GPU
+  full_offload  LearnerEngine.grpo_minibatch training every parameter with learner.offload_optimizer
+                (ZeRO-2's fp32 partition and Adam's state in host memory, the step on the CPU): the
+                whole full-parameter step on one GPU; not with lora or merge in the same run
   merge         merged_tensors (learner/lora.py) over the whole model on the device, and
                 LearnerEngine.weights() (merged, copied to host: the object-store sync's payload)
 Tokens per sample: the length of the sequence the language model runs, read from its input during a
 forward (BOS + patches + prompt + action placeholders + </s>). Useful FLOPs per sample, from the Linear
 and conv weights W of each part over the tokens through it (scripts/bench_inference.py's 2 x W x tokens):
   forward       F = 2 x W x tokens over the towers, projector, LM blocks and the 256 action rows of the head
-  full_fwd_bwd  3 F (activation and weight gradients of every layer: 6 x N x tokens)
+  full_fwd_bwd  3 F (activation and weight gradients of every layer: 6 x N x tokens); full_offload too
   lora          F + 2 x W_lm x L (activation gradients through the LM blocks, adapters included; the
                 frozen towers and projector get none) + 2 x W_adapters x L + 4 x 256 x H x A (action
                 head) [+ 2 x W_projector x patches when learner.lora.trainable lists the projector]
@@ -58,7 +61,7 @@ from learner.lora import is_adapter, merged_tensors  # noqa: E402
 from policy.checkpoint import build_policy  # noqa: E402
 from scripts.bench_inference import INSTRUCTIONS, estimated_flops, peak_flops, sync  # noqa: E402
 
-MODES = ("lora", "full_fwd_bwd", "merge")
+MODES = ("lora", "full_fwd_bwd", "full_offload", "merge")
 FLOPS_FORMULA = {
     "forward": "F = 2 x Linear/conv weights x tokens through them (towers over patches, projector over patches, "
                "LM blocks over L, the head's 256 action rows over A)",
@@ -85,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.out = Path(os.environ["OUT"]) / "bench_learner.json" if os.environ.get("OUT") else Path("runs/bench_learner.json")
     if unknown := set(args.modes) - set(MODES):
         p.error(f"--modes: unknown {sorted(unknown)}; known: {','.join(MODES)}")
+    if "full_offload" in args.modes and {"lora", "merge"} & set(args.modes):
+        p.error("--modes: full_offload trains every parameter of the policy; run lora and merge in another process")
     if args.samples < 1 or args.traj_chunks < 1 or args.iters < 1 or args.warmup < 0:
         p.error("--samples, --traj-chunks and --iters must be positive, --warmup at least 0")
     if not Path(args.config).is_file() and (ROOT / args.config).is_file():
@@ -208,7 +213,18 @@ def lora_engine(policy, args):
     return LearnerEngine(policy, lc, lc.lr, lc.micro_batch_chunks), lc.lora
 
 
-def lora_step(engine, lora: LoraConfig, policy, trajs, old, args, length: int, peak: float | None) -> dict:
+def offload_engine(policy, args):
+    """Every parameter trained (no LoRA) with learner.offload_optimizer: ZeRO-2's fp32 partition and
+    Adam's state in host memory."""
+    from learner.engine import LearnerEngine
+
+    lc = args.cfg.learner.model_copy(update={"lora": None, "offload_optimizer": True,
+                                             "zero_stage": args.cfg.learner.zero_stage or 2})
+    return LearnerEngine(policy, lc, lc.lr, lc.micro_batch_chunks)
+
+
+def engine_step(engine, policy, trajs, old, args, length: int, flops_per_sample: float, peak: float | None) -> dict:
+    """LearnerEngine.grpo_minibatch as training runs it (forward, backward, optimiser step), timed."""
     device, ds = policy.device, engine.engine
     step_times: list[float] = []
     step = ds.step
@@ -237,9 +253,9 @@ def lora_step(engine, lora: LoraConfig, policy, trajs, old, args, length: int, p
     ds.step = step
     samples = sum(t.num_chunks for t in trajs)
     return {"trainable_params": sum(p.numel() for p in policy.model.parameters() if p.requires_grad),
-            "lora": lora.model_dump(), "peak_mem_gib": peak_memory_gib(device), "optimizer_step_s": float(np.mean(step_times)),
+            "peak_mem_gib": peak_memory_gib(device), "optimizer_step_s": float(np.mean(step_times)),
             "loss": stats.loss, "grad_norm": stats.grad_norm,
-            **rates(float(np.mean(times)), samples, length, useful_flops(policy, "lora", length, lora), peak)}
+            **rates(float(np.mean(times)), samples, length, flops_per_sample, peak)}
 
 
 def merge(engine, policy, args) -> dict:
@@ -297,13 +313,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "full_fwd_bwd" in args.modes:
         record("full_fwd_bwd", full_fwd_bwd(policy, trajs, old, args, length, peak))
+    if "full_offload" in args.modes:
+        memory_reset(policy.device)
+        engine = offload_engine(policy, args)
+        flops = useful_flops(policy, "full_fwd_bwd", length, None)
+        record("full_offload", engine_step(engine, policy, trajs, old, args, length, flops, peak))
     if {"lora", "merge"} & set(args.modes):
         for p in policy.model.parameters():
             p.requires_grad_(False)  # the LoRA engine decides what trains
         memory_reset(policy.device)
         engine, lora = lora_engine(policy, args)
         if "lora" in args.modes:
-            record("lora", lora_step(engine, lora, policy, trajs, old, args, length, peak))
+            flops = useful_flops(policy, "lora", length, lora)
+            record("lora", {"lora": lora.model_dump(), **engine_step(engine, policy, trajs, old, args, length, flops, peak)})
         if "merge" in args.modes:
             record("merge", merge(engine, policy, args))
     print_table(result)
@@ -316,7 +338,7 @@ def print_table(result: dict) -> None:
           f"{result['micro_batch_chunks']}  gradient_checkpointing {result['gradient_checkpointing']}")
     head = ["mode", "trainable", "seconds", "samples/s", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "step s"]
     print(" ".join(f"{h:>12}" for h in head))
-    for mode in ("lora", "full_fwd_bwd"):
+    for mode in ("lora", "full_fwd_bwd", "full_offload"):
         r = result["modes"].get(mode)
         if r is None:
             continue

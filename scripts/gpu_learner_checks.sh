@@ -5,8 +5,9 @@
 #   CHECKS=learner,devices bash scripts/gpu_learner_checks.sh   # from the repository root, bundle installed
 #
 # Checks (CHECKS, comma-separated, in this order; default all):
-#   learner   scripts/bench_learner.py, configs/oft7b.yaml: full-parameter forward+backward, then a LoRA
-#             GRPO mini-batch and the merge (two processes: a full-parameter OOM cannot take LoRA with it)
+#   learner   scripts/bench_learner.py, configs/oft7b.yaml: full-parameter forward+backward, a full-parameter
+#             step with the optimizer offloaded, then a LoRA GRPO mini-batch and the merge (a process each:
+#             an OOM in one cannot take the others with it)
 #   devices   scripts/check_learner_devices.py: the demo's policy, a few GRPO steps on cpu and on cuda
 #   step      scripts/bench_grpo_step.py, configs/gpu_1x16.yaml + LoRA: whole GRPO steps on LIBERO-Spatial
 #   sync      scripts/bench_weight_sync.py: the 7B-shaped policy's weights, object_store against cuda_ipc
@@ -42,6 +43,9 @@ check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes f
 # twice the micro-batch: larger matmuls, ~17 GiB more activations (a process of its own: an OOM ends only it)
 check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes full_fwd_bwd --samples 32 \
   --iters 3 --warmup 1 --out "$OUT/learner_full16.json" learner.micro_batch_chunks=16
+# every parameter trained on the one GPU: ZeRO-2 with the fp32 partition and Adam's state in host memory (~90 GB)
+check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes full_offload --samples 16 \
+  --iters 2 --warmup 1 --out "$OUT/learner_offload.json" learner.micro_batch_chunks=8
 check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes lora,merge --samples 64 \
   --iters 2 --warmup 1 --out "$OUT/learner_lora.json" learner.micro_batch_chunks=16 learner.lora.rank=32
 check devices $PY scripts/check_learner_devices.py --config configs/demo.yaml --devices cpu,cuda --steps 4 \

@@ -42,3 +42,20 @@ def test_bench_learner_reports_every_mode_on_the_cpu(tmp_path, tiny_policy):
     assert lora["useful_tflops_per_sample"] < full["useful_tflops_per_sample"]  # no weight gradients for the base
     assert merge["merge_s"] > 0 and merge["weights_to_host_s"] > 0 and merge["merged_params"] == result["params"]
     assert "lora" in proc.stdout and "merge:" in proc.stdout
+
+
+def test_bench_learner_times_a_full_parameter_step_with_the_optimizer_offloaded(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_learner.py"), "--config", "configs/tiny.yaml", "--device", "cpu",
+         "--modes", "full_fwd_bwd,full_offload", "--samples", "3", "--traj-chunks", "2", "--iters", "1", "--warmup", "0",
+         "--out", str(out), "learner.micro_batch_chunks=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, offload = (json.loads(out.read_text())["modes"][m] for m in ("full_fwd_bwd", "full_offload"))
+    assert offload["trainable_params"] == full["trainable_params"]
+    assert offload["useful_tflops_per_sample"] == full["useful_tflops_per_sample"]
+    assert offload["grad_norm"] > 0 and 0 < offload["optimizer_step_s"] < offload["seconds"]
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/bench_learner.py"), "--modes", "full_offload,lora"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "full_offload trains every parameter" in bad.stderr
