@@ -181,6 +181,10 @@ def print_summary(result: dict) -> None:
         batch = f"{r['mean_inference_batch']:.1f}" if r["mean_inference_batch"] is not None else "-"
         gpu = f"{r['gpu_util']['mean_pct']:.0f} %" if r["gpu_util"] else "-"
         print(f"{label:>14} {r['env_steps_per_s']:12.1f} {batch:>11} {gpu:>9} {r['cpu_ms_per_env_step']:12.2f} {r['seconds']:8.1f}")
+    for key in ("sim", "ours", "lockstep"):
+        if key in result:
+            roles = list(result[key]["cpu_ms_per_env_step_by_role"].items())[:6]
+            print(f"{labels[key]:>14} CPU ms/step by role: " + ", ".join(f"{n} {ms:.2f}" for n, ms in roles))
     for name, t in result["targets"].items():
         value = "not measured" if t["value"] is None else f"{t['value']:.2f} ({'met' if t['met'] else 'NOT met'})"
         print(f"target {name} >= {t['target']:g}: {value}")

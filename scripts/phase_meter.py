@@ -1,5 +1,6 @@
 """What one benchmark phase costs the machine: wall time, the CPU time of every process on it
-(psutil; run the benchmark alone) and the GPU's utilisation, sampled while the phase runs.
+(psutil; run the benchmark alone), split by role (Ray actor class, or program name), and the GPU's
+utilisation, sampled while the phase runs.
 
 GPU utilisation is NVML's `utilization.gpu` (the share of the last sample period in which any
 kernel ran), read through pynvml where it imports, else from `nvidia-smi --loop-ms` in a subprocess;
@@ -7,10 +8,13 @@ None on a machine without either (a CPU box)."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import threading
 import time
+from collections import Counter
 
 import psutil
 
@@ -23,6 +27,35 @@ def busy_seconds() -> float:
     times = psutil.cpu_times()
     skip = ("idle", "iowait", "guest", "guest_nice")
     return sum(getattr(times, f) for f in times._fields if f not in skip)
+
+
+def role(cmdline: list[str]) -> str:
+    """A process's role: its Ray actor or task class (Ray sets the title `ray::EnvWorker.method`,
+    `ray::ServeReplica:app:deployment`, `ray::IDLE`), else its program's name (raylet, gcs_server,
+    python3: the benchmark's own process)."""
+    title = " ".join(cmdline)
+    if match := re.match(r"ray::(\w+)", title):
+        return match.group(1)
+    return os.path.basename(cmdline[0]) if cmdline else "?"
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """{pid: (role, user + system CPU seconds so far)} of every process that can be read."""
+    out = {}
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        times, cmdline = proc.info["cpu_times"], proc.info["cmdline"]
+        if times is not None:
+            out[proc.pid] = (role(cmdline or []), times.user + times.system)
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> Counter:
+    """CPU seconds per role between two readings; a process started in between counts from zero (one
+    that ended in between is lost: its time is only in the machine-wide figure)."""
+    spent: Counter = Counter()
+    for pid, (name, seconds) in after.items():
+        spent[name] += seconds - before.get(pid, (name, 0.0))[1]
+    return spent
 
 
 class GpuSampler:
@@ -89,6 +122,7 @@ class PhaseMeter:
 
     def __enter__(self) -> "PhaseMeter":
         self.gpu = GpuSampler().start()
+        self.processes = cpu_by_process()
         self.busy = busy_seconds()
         self.start = time.perf_counter()
         return self
@@ -96,10 +130,15 @@ class PhaseMeter:
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
         self.busy = busy_seconds() - self.busy
+        self.by_role = cpu_by_role(self.processes, cpu_by_process())
         self.gpu_util = self.gpu.stop()
 
     def figures(self, env_steps: int) -> dict:
         return {"env_steps": env_steps, "seconds": self.seconds, "env_steps_per_s": env_steps / self.seconds,
                 "cpu_ms_per_env_step": 1000 * self.busy / max(env_steps, 1),
                 "cpu_busy_fraction": self.busy / self.seconds / psutil.cpu_count(),
+                # where that CPU went (ms per env step by role, the largest first; roles under 0.05 ms left out)
+                "cpu_ms_per_env_step_by_role": {name: 1000 * sec / max(env_steps, 1)
+                                                for name, sec in self.by_role.most_common()
+                                                if 1000 * sec / max(env_steps, 1) >= 0.05},
                 "gpu_util": self.gpu_util}

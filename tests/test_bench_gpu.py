@@ -38,6 +38,9 @@ def test_bench_gpu_reports_every_phase_on_the_cpu(tmp_path):
         assert r["env_steps"] > 0 and r["env_steps_per_s"] > 0 and r["cpu_ms_per_env_step"] > 0, (phase, r)
         assert r["gpu_util"] is None or 0 <= r["gpu_util"]["mean_pct"] <= 100
     assert result["sim"]["episodes"] >= 1 and result["sim"]["mean_inference_batch"] is None
+    # the CPU by role: the sim workers step in sim, the env workers and the replica in ours
+    assert result["sim"]["cpu_ms_per_env_step_by_role"]["SimWorker"] > 0
+    assert {"EnvWorker", "ServeReplica"} <= set(result["ours"]["cpu_ms_per_env_step_by_role"])
     ours, lockstep = result["ours"], result["lockstep"]
     assert ours["episodes"] == SLOTS and ours["env_steps"] <= SLOTS * MAX_STEPS and ours["mean_inference_batch"] >= 1
     # lock-step: one forward over every env per step, for every env up to the step limit
