@@ -11,4 +11,6 @@ PY=${PYTHON:-python3}
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
   echo "cores: $(nproc)"
+  # physical cores against hardware threads: env workers' physics scales with the former
+  lscpu 2>/dev/null | grep -E "^(Model name|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|CPU MHz|L3 cache)" || true
 } 2>&1 | tee "$OUT/stack.txt"
