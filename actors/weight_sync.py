@@ -17,8 +17,8 @@ Every backend runs the same three steps, and differs only in the first:
 Step 3 is what makes a failed or partial delivery safe, so a new backend only writes `deliver`. A
 replica that fails midway through a delivery reloads the store's whole weights: the version
 before, or, while the store holds none yet (a run's first sync), this one's, which that sync puts
-before it delivers. auto picks one of the three at the first sync, from where rank 0's
-and the replicas' weights live.
+before it delivers. auto picks one of the three at the first sync, from where rank 0's and the
+replicas' weights live.
 """
 
 from __future__ import annotations

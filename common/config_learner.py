@@ -80,9 +80,9 @@ class LearnerConfig(Section):
         "when all of them are on GPUs, each on its own GPU; gloo otherwise). cuda_ipc: the replicas on rank 0's "
         "own GPU (on CPUs, its node) copy it bucket by bucket from rank 0's buffers through shared-memory "
         "handles; replicas elsewhere fetch the object-store copy. Every backend still puts that copy, on rank "
-        "0's node, for replicas that (re)start, after the sync (which does not wait for it). auto (the default) picks at the first sync: cuda_ipc when every "
-        "replica shares rank 0's GPU, collective when every replica and rank 0 have a GPU each, object_store "
-        "otherwise (CPU runs)")
+        "0's node, for replicas that (re)start, after the sync (which does not wait for it). auto (the default) "
+        "picks at the first sync: cuda_ipc when every replica shares rank 0's GPU, collective when every "
+        "replica and rank 0 have a GPU each, object_store otherwise (CPU runs)")
     weight_sync_bucket_mb: int = Field(
         256, gt=0, description="weight_sync collective: MB per broadcast (one buffer of this size on every member); "
         "cuda_ipc: MB per shared bucket (two such buffers on rank 0's device)")
@@ -96,13 +96,13 @@ class LearnerConfig(Section):
     lora: LoraConfig | None = Field(
         None, description="train low-rank adapters instead of every parameter (LoraConfig); None = full training")
 
-
     @model_validator(mode="after")
     def _offload_needs_zero(self):
         if self.offload_optimizer and self.zero_stage not in (1, 2):
             raise ValueError(f"offload_optimizer needs zero_stage 1 or 2 (ZeRO's flat fp32 partition is what moves "
                              f"to host memory), got zero_stage {self.zero_stage}")
         return self
+
 
 class SFTConfig(Section):
     demos_per_task: int = Field(1, gt=0)
