@@ -208,9 +208,11 @@ def test_different_init_states_give_different_scenes(env):
 
 
 def test_train_and_eval_init_states_are_disjoint(env):
+    split = env.cfg.init_states  # the default: 25 train, then 25 eval
+    assert (split.split, split.num_train, split.num_eval) == ("disjoint", 25, 25)
     for task in env.task_names:
         train, ev = env.init_states(task, "train"), env.init_states(task, "eval")
-        assert train == list(range(50)) and ev == list(range(50, 100))
+        assert train == list(range(25)) and ev == list(range(25, 50))
         assert not set(train) & set(ev)
 
 
