@@ -98,9 +98,6 @@ class SentTensors:
         self.device = next(iter(state.values())).device
         self.current: tuple[int, torch.Tensor] | None = None
 
-    def __len__(self) -> int:
-        return len(self.names)
-
     def __getitem__(self, index: int) -> torch.Tensor:
         if self.current is None or self.current[0] != index:
             self.current = None  # the previous one goes before the next is made

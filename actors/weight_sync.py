@@ -53,8 +53,9 @@ class ObjectStoreSync:
         stored, _, _ = ray.get(self.rollout.weights.current.remote(), timeout=60)
         if stored is None:  # the first sync: whole weights in the store before any delivery
             state_ref = self.store_copy(version, weights_id)
-        self.deliver(version, weights_id)
-        if stored is not None:  # queued behind the delivery, made while the next rollout runs
+            self.deliver(version, weights_id)
+        else:  # the copy queued behind the delivery, made while the next rollout runs
+            self.deliver(version, weights_id)
             state_ref = self.store_copy(version, weights_id)
         broadcast_weights(self.rollout.handle, version, state_ref, weights_id, self.cfg.cluster.serve_replicas)
 

@@ -4,8 +4,8 @@ trainer, learner rank and Serve replicas of CONFIG (default: the tiny test polic
 For each backend a trainer starts (its first sync, version 0, also forms the collective group),
 then `--syncs` more syncs are timed one by one: each delivers the learner's weights to every
 replica, and rank 0 then copies them into the object store for replicas that restart (after the
-sync returns; also timed, from the sync's start until that copy is ready). The replicas' own counts of how they got their weights show
-which backend delivered (cuda_ipc reaches only replicas on learner rank 0's GPU, or node on CPUs;
+sync returns; also timed, from the sync's start until that copy is ready). The replicas' own
+counts of how they got their weights show which backend delivered (cuda_ipc reaches only replicas on learner rank 0's GPU, or node on CPUs;
 the others load from the object store). A sanity figure for the machine it runs on, not a benchmark.
 Prints one line per backend and writes every figure to --json.
 
@@ -66,7 +66,7 @@ def main() -> None:
         torch.cuda.empty_cache()  # the policy built here: its GPU memory goes to the learner and the replicas
     out = Path(args.json) if args.json else run_dir / "bench.json"
     report = {"config": str(args.config), "overrides": args.overrides, "replicas": args.replicas,
-              "bucket_mb": cfg.learner.weight_sync_bucket_mb, "backends": {}, "syncs_so_far": {}}
+              "bucket_mb": cfg.learner.weight_sync_bucket_mb, "backends": {}}
     start = time.perf_counter()
     init_ray(cfg)
     rollout = Rollout.start(cfg, str(policy_path))
@@ -95,9 +95,9 @@ def main() -> None:
                     _, holder, _ = ray.get(rollout.weights.current.remote(), timeout=60)
                     ray.wait(holder, timeout=600)
                     stored.append(time.perf_counter() - start)
-                    # a run cut short (a time limit) keeps every sync it timed
-                    report["syncs_so_far"][backend] = {"syncs_s": seconds, "store_copy_ready_s": stored,
-                                                       "trainer_start_with_first_sync_s": first}
+                    # a run cut short (a time limit) keeps every sync it timed; the medians come at the end
+                    report["backends"][backend] = {"syncs_s": seconds, "store_copy_ready_s": stored,
+                                                   "trainer_start_with_first_sync_s": first}
                     out.write_text(json.dumps(report, indent=2))
                     print(f"{backend}: sync {seconds[-1]:.3f} s, the store's copy ready {stored[-1]:.3f} s after "
                           f"it began", flush=True)
@@ -107,11 +107,10 @@ def main() -> None:
             after = replica_loads(rollout)
             loads = {k: sum(a[k] - before.get(r, {}).get(k, 0) for r, a in after.items()) for k in BACKENDS}
             median = statistics.median(seconds)
-            report["backends"][backend] = {
+            report["backends"][backend].update({
                 "resolved": resolved, "sync_median_s": median, "sync_min_s": min(seconds),
-                "sync_max_s": max(seconds), "syncs_s": seconds, "trainer_start_with_first_sync_s": first,
-                "store_copy_ready_median_s": statistics.median(stored),
-                "weights_GB_per_s": report["weights_mb"] / 1024 / median, "replica_loads": loads}
+                "sync_max_s": max(seconds), "store_copy_ready_median_s": statistics.median(stored),
+                "weights_GB_per_s": report["weights_mb"] / 1024 / median, "replica_loads": loads})
             print(f"{backend:>12}: {args.replicas} replicas, sync median {median:.3f} s "
                   f"(min {min(seconds):.3f}, max {max(seconds):.3f}, {args.syncs} syncs), "
                   f"{report['weights_mb'] / 1024 / median:.2f} GB/s; the store's copy ready "
@@ -120,7 +119,6 @@ def main() -> None:
                   flush=True)
     finally:
         rollout.shutdown()
-    del report["syncs_so_far"]
     out.write_text(json.dumps(report, indent=2))
     print(f"figures: {out}", flush=True)
 
