@@ -61,6 +61,9 @@ class PolicyConfig(Section):
     compile: bool = Field(
         False, description="Serve replicas torch.compile every transformer block (regional): +28 % chunks/s at "
         "batch 32 for the 7B policy on an H200, paid once per batch size at start; for GPU replicas")
+    cuda_graphs: bool = Field(
+        False, description="GPU Serve replicas replay each batch shape's forward as a CUDA graph (batches padded to "
+        "1, 2, 4, ... cluster.inference_max_batch): no per-kernel launch cost on the host; needs cluster.replica_gpus > 0")
     center_crop: float | None = Field(
         None, gt=0, le=1,
         description="fraction of the image AREA kept by a center crop before resizing (OpenVLA/OFT checkpoints "
@@ -310,6 +313,9 @@ class RunConfig(Section):
         if self.env.batched_sim and self.env.sim_backend == "physx_cpu" and self.cluster.envs_per_worker != 1:
             raise ValueError(f"cluster.envs_per_worker must be 1 for a batched env on physx_cpu (ManiSkill's CPU sim "
                              f"holds one scene; physx_cuda holds many), got {self.cluster.envs_per_worker}")
+        if self.policy.cuda_graphs and self.cluster.replica_gpus <= 0:
+            raise ValueError("policy.cuda_graphs needs GPU replicas: set cluster.replica_gpus > 0 (e.g. 0.5), or "
+                             "policy.cuda_graphs=false for replicas on the CPU")
         if self.learner.sync_every - 1 > self.rollout.max_policy_lag:
             raise ValueError(f"learner.sync_every {self.learner.sync_every} leaves the replicas up to "
                              f"{self.learner.sync_every - 1} versions behind, more than rollout.max_policy_lag "

@@ -34,6 +34,7 @@ class VLAPolicy:
         self.norm_stats = norm_stats
         self.unnorm_key = select_unnorm_key(norm_stats, unnorm_key)
         self.stats = ActionStats.from_json(norm_stats[self.unnorm_key])
+        self.graphed = None  # policy/cuda_graphs.py, once use_cuda_graphs() is called (serving only)
         if len(self.stats.q01) != cfg.action_dims:
             raise ValueError(
                 f"statistics {self.unnorm_key!r} have {len(self.stats.q01)} action dims, the model {cfg.action_dims}"
@@ -77,12 +78,20 @@ class VLAPolicy:
             x = np.where(span > 1e-6, 2.0 * (x - lo) / np.where(span > 1e-6, span, 1.0) - 1.0, 0.0)
         return torch.tensor(np.clip(x, -1.5, 1.5), dtype=torch.float32, device=self.device)
 
+    def use_cuda_graphs(self, max_batch: int) -> None:
+        """Inference forwards (no autograd) replay bucketed CUDA graphs from now on (policy/cuda_graphs.py)."""
+        from policy.cuda_graphs import GraphedActionLogits
+
+        self.graphed = GraphedActionLogits(self.model, max_batch)
+
     def action_logits(self, images, instructions: list[str], proprio=None) -> torch.Tensor:  # [B, A, 256]
         ids, lengths = self.prompts(instructions)
         padded = bool(lengths.min() < lengths.max())  # read here, on the CPU: no device sync in the forward
-        return self.model.action_logits(self.pixels(images), ids.to(self.device), lengths.to(self.device),
-                                        stop_token_id=self.tokenizer.eos_token_id, proprio=self.normalize_proprio(proprio),
-                                        padded=padded)
+        forward = self.model.action_logits
+        if self.graphed is not None and not torch.is_grad_enabled():  # the learner's forwards stay eager
+            forward = self.graphed
+        return forward(self.pixels(images), ids.to(self.device), lengths.to(self.device),
+                       stop_token_id=self.tokenizer.eos_token_id, proprio=self.normalize_proprio(proprio), padded=padded)
 
     @torch.no_grad()
     def act(

@@ -11,7 +11,9 @@ Timed per batch size (each iteration ends in a device sync; warm-up iterations e
   act      policy.act on host uint8 images: the uint8 copy to the device, crop / resize / normalise
            there, the forward, sampling and the chunk back to the host: the service's path
   forward  model.action_logits alone, on inputs already on the device
-  graph    the forward replayed as a CUDA graph (--cuda-graphs)
+  graph    policy.act with policy.cuda_graphs' bucketed CUDA graphs (--cuda-graphs): the service's
+           path when the config sets it; the row also gives the largest difference of its logits
+           from the eager forward's
 FLOPs per forward are counted by torch.utils.flop_counter on one real forward (every matmul,
 convolution and attention, all tower layers included), and for comparison estimated as 2 x weights
 x tokens (Linear / conv weights of each part times the tokens through it; the LM head counts only
@@ -117,27 +119,16 @@ def estimated_flops(model, batch: int, length: int) -> float:
     return 2.0 * total * batch
 
 
-def graph_forward(forward_on, inputs, iters: int, warmup: int, device: torch.device) -> np.ndarray:
-    """The forward captured once as a CUDA graph on static inputs; each replay first copies the
-    batch in (as a server would)."""
-    static = [t.clone() for t in inputs]
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            forward_on(static)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward_on(static)
-
-    def replay():
-        for dst, src in zip(static, inputs):
-            dst.copy_(src, non_blocking=True)
-        graph.replay()
-
-    times = timed(replay, iters, warmup, device)
-    return times
+def graph_row(policy, graphed, obs, inputs, padded: bool, gen, flops: float, peak, args) -> dict:
+    """policy.act through the bucketed CUDA graphs (captured on the first call, untimed), and how far
+    the graphed logits are from the eager forward's on the same inputs."""
+    stop = policy.tokenizer.eos_token_id
+    policy.graphed = graphed
+    t = timed(lambda: policy.act(obs, generator=gen), args.iters, args.warmup, policy.device)
+    diff = (graphed(*inputs, stop_token_id=stop, proprio=None, padded=padded).float()
+            - policy.model.action_logits(*inputs, stop_token_id=stop, padded=padded).float()).abs().max()
+    return {"graph_act_ms": 1e3 * t.mean(), "graph_chunks_per_s": len(obs) / t.mean(),
+            "mfu_graph": flops / t.mean() / peak if peak else None, "graph_logits_max_abs_diff": float(diff)}
 
 
 def attention_report(policy, inputs, padded: bool, device: torch.device) -> dict:
@@ -192,6 +183,11 @@ def measure_inference(policy, build_s: float, args: argparse.Namespace) -> dict:
     stop = policy.tokenizer.eos_token_id
     gen = torch.Generator(device=device).manual_seed(0)
     rows, attention = [], {}
+    graphed = None
+    if args.cuda_graphs and device.type == "cuda":
+        from policy.cuda_graphs import GraphedActionLogits
+
+        graphed = GraphedActionLogits(policy.model, max(args.batches))
     with torch.inference_mode():
         for prompts in args.prompts:
             for batch in args.batches:
@@ -214,12 +210,12 @@ def measure_inference(policy, build_s: float, args: argparse.Namespace) -> dict:
                        "mfu_act": flops / act.mean() / peak if peak else None,
                        "mfu_forward": flops / fwd.mean() / peak if peak else None,
                        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
-                if args.cuda_graphs and device.type == "cuda":
+                if graphed is not None:
                     try:
-                        graph = graph_forward(forward_on, inputs, args.iters, args.warmup, device)
-                        row.update(graph_ms=1e3 * graph.mean(), mfu_graph=flops / graph.mean() / peak if peak else None)
+                        row.update(graph_row(policy, graphed, obs, inputs, padded, gen, flops, peak, args))
                     except Exception as e:  # report, keep measuring: the graph variant is optional
                         row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    policy.graphed = None
                 rows.append(row)
                 if device.type == "cuda" and batch == min(args.batches, key=lambda b: abs(b - 8)):
                     attention[prompts] = attention_report(policy, inputs, padded, device)
@@ -228,10 +224,15 @@ def measure_inference(policy, build_s: float, args: argparse.Namespace) -> dict:
             obs = observations(1, args.image_size, prompts)
             inputs, padded = device_inputs(policy, obs)
             for label, fn in (("act", lambda: policy.act(obs, generator=gen)),
-                              ("forward", lambda: policy.model.action_logits(*inputs, stop_token_id=stop, padded=padded))):
+                              ("forward", lambda: policy.model.action_logits(*inputs, stop_token_id=stop, padded=padded)),
+                              ("act_graph", lambda: policy.act(obs, generator=gen))):
+                if label == "act_graph" and graphed is None:
+                    continue
+                policy.graphed = graphed if label == "act_graph" else None
                 t = timed(fn, args.latency_iters, args.warmup, device)
                 latency[label] = {"p50_ms": 1e3 * float(np.percentile(t, 50)), "p99_ms": 1e3 * float(np.percentile(t, 99)),
                                   "iters": len(t)}
+        policy.graphed = None
     import transformers
 
     result = {
@@ -242,6 +243,7 @@ def measure_inference(policy, build_s: float, args: argparse.Namespace) -> dict:
                   "copy and GPU preprocessing, forward does not",
         "flops": "flops_counted: torch.utils.flop_counter on one forward; flops_2nt: 2 x Linear/conv weights x tokens",
         "rows": rows, "latency_batch1": latency, "attention": attention,
+        "cuda_graphs": None if graphed is None else {"graphs": len(graphed.graphs), "capture_s": graphed.capture_s},
     }
     return result
 
@@ -255,11 +257,15 @@ def print_table(result: dict) -> None:
     for r in result["rows"]:
         cells = [r["prompts"], r["batch"], r["seq_len"], f"{r['flops_counted'] / 1e9:.1f}", f"{r['act_ms']:.1f}",
                  f"{r['act_chunks_per_s']:.1f}", f"{r['forward_ms']:.1f}", f"{r['forward_chunks_per_s']:.1f}",
-                 f"{r['graph_ms']:.1f}" if "graph_ms" in r else "-", pct(r["mfu_act"]), pct(r["mfu_forward"]),
+                 f"{r['graph_act_ms']:.1f}" if "graph_act_ms" in r else "-", pct(r["mfu_act"]), pct(r["mfu_forward"]),
                  f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"]
         print(" ".join(f"{c:>9}" for c in cells))
     for label, lat in result["latency_batch1"].items():
         print(f"batch 1 {label}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms ({lat['iters']} iterations)")
+    if result.get("cuda_graphs"):
+        g = result["cuda_graphs"]
+        print(f"CUDA graphs: {g['graphs']} captured in {g['capture_s']:.1f} s; graphed logits vs eager, max abs diff: "
+              + ", ".join(f"B{r['batch']} {r['graph_logits_max_abs_diff']:.3g}" for r in result["rows"] if "graph_logits_max_abs_diff" in r))
     for prompts, rep in result["attention"].items():
         print(f"attention ({prompts}): kernels {rep['kernels_in_forward']}")
         print(f"  SDPA backends at LM shape {rep['lm_shape']}: {rep['backends']}")
