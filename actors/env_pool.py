@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from actors.scene_book import SceneBook
 from common.config import ClusterConfig, EnvConfig
 from common.records import EpisodeMeta
 from env_workers.worker import EnvWorker
@@ -31,6 +33,7 @@ class Episode:
     record_video: bool = False
     attempts: int = 0
     tag: object = None  # caller's bookkeeping (e.g. group id)
+    passed_over: int = 0  # dispatches that went to younger episodes whose task an idle env held
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class EnvWorkerPool:
         # trajectory ref -> (request, meta ref, worker index, the worker that runs it)
         self.pending: dict[ray.ObjectRef, tuple[Episode, ray.ObjectRef, int, object]] = {}
         self.load = [0] * len(self.workers)
+        self.scenes = SceneBook(len(self.workers), cluster_cfg.envs_per_worker)
+        # episodes wait here, not in the workers' queues, until an env is idle: then the one whose task
+        # that env's scene holds goes first (an episode passed over num_slots times goes next, whatever)
+        self.backlog: deque[Episode] = deque()
         self.rerun = 0
         self.replaced = 0
         self._rr = itertools.count()
@@ -91,8 +98,25 @@ class EnvWorkerPool:
     def task_info(self) -> dict:
         return ray.get(self.workers[0].task_info.remote(), timeout=120)
 
-    def submit(self, ep: Episode) -> None:
-        index = min(range(len(self.workers)), key=lambda i: (self.load[i], next(self._rr) % 997))
+    @property
+    def in_flight(self) -> int:
+        """Episodes submitted and not yet finished: running, queued at a worker, or in the backlog."""
+        return len(self.pending) + len(self.backlog)
+
+    def submit(self, ep: Episode, first: bool = False) -> None:
+        """Queue an episode (`first`: ahead of the others, as a re-run is); it starts when an env is idle."""
+        self.backlog.appendleft(ep) if first else self.backlog.append(ep)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Send backlog episodes to idle envs, those whose task an idle env holds first."""
+        while (ep := self.scenes.pick(self.backlog, self.num_slots)) is not None:
+            self.backlog.remove(ep)
+            self._send(ep)
+
+    def _send(self, ep: Episode) -> None:
+        index = self.scenes.choose(ep.task, self.load, next(self._rr))
+        self.scenes.started(index, ep.task)
         meta_ref, traj_ref = self.workers[index].run_episode.remote(ep.task, ep.init_state, ep.temperature, ep.greedy, ep.record_video)
         ep.attempts += 1
         self.load[index] += 1
@@ -103,6 +127,7 @@ class EnvWorkerPool:
         one (at most `timeout_s` of waiting), so the caller can launch the next ones while the slots are
         still busy; failed ones are re-submitted."""
         if not self.pending:
+            self._dispatch()
             return []
         ready, rest = ray.wait(list(self.pending), num_returns=1, timeout=timeout_s)
         if ready and rest:  # and every other one that has finished meanwhile, without waiting
@@ -123,19 +148,24 @@ class EnvWorkerPool:
                 continue
             except Exception:
                 if current:
-                    self.load[index] -= 1
+                    self._ended(index, ep)
                 self._retry(ep)  # env timeout or env error: the slot was rebuilt; run it again
                 continue
             if current:
-                self.load[index] -= 1
+                self._ended(index, ep)
             done.append(FinishedEpisode(ep, meta, traj_ref))
+        self._dispatch()  # the envs just freed take their next episodes
         return done
+
+    def _ended(self, index: int, ep: Episode) -> None:
+        self.load[index] -= 1
+        self.scenes.finished(index, ep.task)
 
     def _retry(self, ep: Episode) -> None:
         if ep.attempts >= self.max_attempts:
             raise RuntimeError(f"episode {ep.task}#{ep.init_state} failed {ep.attempts} times; giving up")
         self.rerun += 1
-        self.submit(ep)
+        self.submit(ep, first=True)
 
     def _replace(self, index: int) -> None:
         try:
@@ -143,6 +173,7 @@ class EnvWorkerPool:
         except Exception:
             pass
         self.workers[index] = self._spawn()
+        self.scenes.reset(index)
         self.load[index] = sum(1 for *_, i, w in self.pending.values() if i == index and w is self.workers[index])
         self.replaced += 1
 
@@ -151,9 +182,9 @@ class EnvWorkerPool:
         for ep in episodes:
             self.submit(ep)
         out, deadline = [], time.monotonic() + timeout_s
-        while self.pending:
+        while self.in_flight:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(self.pending)} episodes still running after {timeout_s}s")
+                raise TimeoutError(f"{self.in_flight} episodes still running or queued after {timeout_s}s")
             out.extend(self.poll(timeout_s=1.0))
         return out
 

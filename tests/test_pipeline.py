@@ -99,7 +99,7 @@ def test_overlapped_steps_train_on_one_version_old_groups_and_report_a_true_env_
     rollout_cfg = cfg.rollout.model_copy(update={"max_policy_lag": 1})
     cfg = cfg.model_copy(update={"rollout": rollout_cfg, "run_dir": tmp_path, "total_steps": 3})
     trainer = _run_to_total_steps(cfg, tiny_policy_dir, rollout)
-    assert not trainer.coordinator.open_groups and not rollout.pool.pending, "rollouts left running after GRPO"
+    assert not trainer.coordinator.open_groups and not rollout.pool.in_flight, "rollouts left running after GRPO"
     assert [h["policy/version"] for h in trainer.history] == [1, 2, 3]
     assert all(0.0 <= h["rollout/policy_lag"] <= 1.0 for h in trainer.history)
     for h in trainer.history:  # episodes that ran while the learner trained count against the whole step
@@ -160,7 +160,7 @@ def test_the_driver_buffer_applies_backpressure_and_still_fills_a_batch(pipeline
         if len(coord.ready) == capacity_groups:
             coord.ready.pop(0)  # a step takes a group: room for the next
     assert coord.stats.groups_done >= 6 and max(held) == capacity_groups
-    assert len(rollout.pool.pending) <= capacity_groups * cfg.rollout.group_size
+    assert rollout.pool.in_flight <= capacity_groups * cfg.rollout.group_size
     coord.drain(300)
     assert len(coord.next_batch(2, current_version=0, timeout_s=300)) == 2
 
@@ -219,7 +219,7 @@ def test_sigkilled_env_worker_episode_is_rerun_with_exact_counts(pipeline):
     os.kill(victim, signal.SIGKILL)
     done = []
     deadline = time.monotonic() + 300
-    while pool.pending and time.monotonic() < deadline:
+    while pool.in_flight and time.monotonic() < deadline:
         done.extend(pool.poll(1.0))
     assert sorted(d.request.init_state for d in done) == list(range(40)), "every episode exactly once"
     assert pool.replaced == replaced + 1 and pool.rerun > rerun
