@@ -12,7 +12,9 @@ overrides after them win): every group is trained, and every episode runs to env
 
 The paper's batch (--paper-groups x --paper-group-size trajectories of --paper-max-steps env steps)
 is extrapolated from the last measured step, phase by phase: rollout at the measured env steps/s,
-train at the measured seconds per chunk, weight sync as measured (it does not grow with the batch).
+train at the measured seconds per chunk, weight sync as measured (it does not grow with the batch),
+and whatever part of rank 0's object-store copy of the weights the rollout does not hide (after each
+step the script waits for that copy and times it: `store_copy_s`).
 With every episode at the step limit this is the upper bound of a step; a policy that succeeds
 ends episodes early. Writes JSON to --out (default $OUT/bench_grpo_step.json when OUT is set, else
 runs/bench_grpo_step.json) after every step, and prints the arithmetic.
@@ -78,6 +80,18 @@ def step_figures(scalars: dict, env_steps: int, episodes: int, trajectories: int
             "train_s_per_chunk": seconds["train"] / max(chunks, 1), "loss": scalars.get("train/loss")}
 
 
+def store_copy_wait(rollout) -> float:
+    """Seconds until rank 0's object-store copy of the weights just synced is ready. In a run the copy
+    is made beside the next rollout; rank 0 trains only after it, so a rollout shorter than the copy
+    (a reduced batch's) would show the rest as train time. Waited for here, it is timed on its own."""
+    import ray
+
+    start = time.perf_counter()
+    _, holder, _ = ray.get(rollout.weights.current.remote(), timeout=60)
+    ray.wait(holder, timeout=900)
+    return time.perf_counter() - start
+
+
 def extrapolate(step: dict, groups: int, group_size: int, max_steps: int, chunk: int) -> dict:
     """The paper's batch from one measured step, phase by phase, with the arithmetic as text."""
     trajs = groups * group_size
@@ -87,10 +101,12 @@ def extrapolate(step: dict, groups: int, group_size: int, max_steps: int, chunk:
     train_s = chunks * step["train_s_per_chunk"]
     sync_s = step["seconds"]["weight_sync"]
     adv_s = step["seconds"]["advantages"] * trajs / step["trajectories"]
-    total = rollout_s + adv_s + train_s + sync_s
+    copy_wait_s = max(0.0, step.get("store_copy_s", 0.0) - rollout_s)  # the copy runs beside the next rollout
+    total = rollout_s + adv_s + train_s + sync_s + copy_wait_s
     return {
         "trajectories": trajs, "env_steps": env_steps, "chunks": chunks,
-        "seconds": {"rollout": rollout_s, "advantages": adv_s, "train": train_s, "weight_sync": sync_s},
+        "seconds": {"rollout": rollout_s, "advantages": adv_s, "train": train_s, "weight_sync": sync_s,
+                    "store_copy_wait": copy_wait_s},
         "total_s": total, "total_min": total / 60,
         "arithmetic": [
             f"rollout: {trajs} trajectories x {max_steps} env steps = {env_steps} env steps / "
@@ -98,6 +114,8 @@ def extrapolate(step: dict, groups: int, group_size: int, max_steps: int, chunk:
             f"train: {trajs} x ceil({max_steps}/{chunk}) = {chunks} chunks x {step['train_s_per_chunk'] * 1e3:.1f} ms "
             f"per chunk = {train_s:.0f} s",
             f"weight sync: {sync_s:.1f} s (measured; the weights do not grow with the batch)",
+            f"store copy: {step.get('store_copy_s', 0.0):.1f} s beside the next rollout's {rollout_s:.0f} s: "
+            f"{copy_wait_s:.1f} s of waiting",
             f"advantages: {adv_s:.1f} s; total {total:.0f} s = {total / 60:.1f} min",
         ],
     }
@@ -144,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
             s = trainer.coordinator.stats
             trajectories = cfg.rollout.groups_per_batch * cfg.rollout.group_size
             result["steps"].append(step_figures(scalars, s.env_steps, s.episodes, trajectories))
+            result["steps"][-1]["store_copy_s"] = store_copy_wait(rollout)
             if torch.cuda.is_available():
                 result["peak_gpu_gb_driver"] = torch.cuda.max_memory_allocated() / 2**30  # this process only
             write(result, args.out)

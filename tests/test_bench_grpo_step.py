@@ -33,6 +33,9 @@ def test_bench_grpo_step_times_every_phase_and_extrapolates(ray_cluster, tiny_po
     assert abs(paper["seconds"]["train"] - 128 * last["train_s_per_chunk"]) < 1e-6
     assert abs(paper["seconds"]["rollout"] - 1024 / last["env_steps_per_s"]) < 1e-6
     assert paper["seconds"]["weight_sync"] == last["seconds"]["weight_sync"]
+    assert all(st["store_copy_s"] >= 0 for st in result["steps"])
+    assert paper["seconds"]["store_copy_wait"] == max(0.0, last["store_copy_s"] - paper["seconds"]["rollout"])
+    assert abs(paper["total_s"] - sum(paper["seconds"].values())) < 1e-6
     printed = capsys.readouterr().out
     assert "paper batch (4 x 8, 32 steps)" in printed and "chunks x" in printed
     assert ray_cluster.is_initialized()  # the session's cluster is the caller's: left up
