@@ -54,11 +54,24 @@ def sft_batch_loss(policy: VLAPolicy, images: np.ndarray, instructions: list[str
     return sft_loss(logits, target, torch.ones_like(target, dtype=torch.float32))
 
 
-def offload(cfg: LearnerConfig) -> dict:
+OFFLOAD_HOST_BYTES = 16  # per trained weight in host memory: fp32 master copy, fp32 gradient, Adam's two fp32 moments
+
+
+def offload(cfg: LearnerConfig, trained: int, world_size: int = 1) -> dict:
     """learner.offload_optimizer: ZeRO's fp32 partition and Adam's state in host memory, pinned where a
-    GPU copies to and from it."""
+    GPU copies to and from it. A rank whose share would not fit the node's available memory stops
+    here, before DeepSpeed allocates it (at 7B: ~120 GB; the kernel would kill the process midway)."""
     if not cfg.offload_optimizer:
         return {}
+    import psutil
+
+    need, have = OFFLOAD_HOST_BYTES * trained / world_size, psutil.virtual_memory().available
+    if need > have:
+        raise MemoryError(
+            f"learner.offload_optimizer keeps {need / 2**30:.0f} GiB in host memory for this rank's share of "
+            f"{trained / 1e9:.2f} B trained weights (fp32 weights and gradients, Adam's two moments), and this "
+            f"node has {have / 2**30:.0f} GiB available: train LoRA (learner.lora), spread the learner over "
+            "more ranks, or use a node with more memory")
     return {"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
 
 
@@ -78,6 +91,7 @@ class LearnerEngine:
         if cfg.gradient_checkpointing:
             policy.model.enable_gradient_checkpointing()
         params = [p for p in policy.model.parameters() if p.requires_grad]
+        host = offload(cfg, sum(p.numel() for p in params), self.world_size)  # before anything is allocated
         # fused: one kernel over the parameters (ZeRO-1/2: its flat fp32 partition) instead of a pass per elementwise op;
         # the demo policy's optimiser step (8.7M parameters) takes ~21 ms instead of ~48 on 2 CPU cores
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=True)
@@ -87,7 +101,7 @@ class LearnerEngine:
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage, **offload(cfg)},
+            "zero_optimization": {"stage": cfg.zero_stage, **host},
             "zero_allow_untested_optimizer": True,
             # learner.offload_optimizer: the fused AdamW above steps ZeRO's host partition (DeepSpeed's own
             # CPUAdam would need its C++ extension built on every machine)

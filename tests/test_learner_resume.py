@@ -188,3 +188,19 @@ def test_zero_stage_0_and_optimizer_offload_take_the_same_steps_and_report_the_g
         assert norms == pytest.approx(norms2, rel=1e-4), variant
         for name, w in weights2.items():
             np.testing.assert_allclose(weights[name].numpy(), w.numpy(), rtol=1e-3, atol=1e-4, err_msg=f"{variant} {name}")
+
+
+def test_optimizer_offload_that_would_not_fit_host_memory_stops_before_allocating():
+    """7.54 B weights need ~112 GiB of host memory for one rank; the check runs before DeepSpeed
+    allocates anything, so the error is one line instead of the kernel killing the learner."""
+    import psutil
+
+    from common.config import LearnerConfig
+    from learner.engine import offload
+
+    cfg = LearnerConfig(zero_stage=2, offload_optimizer=True)
+    too_many = int(2 * psutil.virtual_memory().available / 16)  # twice what this machine could hold
+    with pytest.raises(MemoryError, match=r"^learner.offload_optimizer keeps \d+ GiB in host memory .* train LoRA"):
+        offload(cfg, too_many)
+    assert offload(cfg, too_many, world_size=4)["offload_optimizer"]["device"] == "cpu"  # a quarter each fits
+    assert offload(cfg.model_copy(update={"offload_optimizer": False}), too_many) == {}
