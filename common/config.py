@@ -63,7 +63,8 @@ class PolicyConfig(Section):
         "batch 32 for the 7B policy on an H200, paid once per batch size at start; for GPU replicas")
     cuda_graphs: bool = Field(
         False, description="GPU Serve replicas replay each batch shape's forward as a CUDA graph (batches padded to "
-        "1, 2, 4, ... cluster.inference_max_batch): no per-kernel launch cost on the host; needs cluster.replica_gpus > 0")
+        "the next of 1-8, 12, 16, ..., cluster.inference_max_batch): no per-kernel launch cost on the host; needs "
+        "cluster.replica_gpus > 0")
     center_crop: float | None = Field(
         None, gt=0, le=1,
         description="fraction of the image AREA kept by a center crop before resizing (OpenVLA/OFT checkpoints "
