@@ -70,8 +70,9 @@ class LearnerConfig(Section):
     offload_optimizer: bool = Field(
         False, description="ZeRO-Offload: the fp32 master weights, the gradients' fp32 copy and Adam's moments "
         "live in host memory and the optimiser steps on the CPU; the GPU keeps the bf16 weights, gradients and "
-        "activations. What lets full-parameter training of the 7B policy fit one GPU (~16 bytes per trained "
-        "parameter: ~30 GB on the GPU, ~90 GB of host memory at 7.5 B); needs zero_stage 1 or 2")
+        "activations. Full-parameter training of the 7B policy then fits one GPU's memory (~30 GB), but needs "
+        "16 bytes of host memory per trained parameter (~112 GiB at 7.5 B: more than a 128 GB node has free; "
+        "checked at the learner's start); needs zero_stage 1 or 2")
     sync_every: int = Field(1, gt=0)
     weight_sync: Literal["auto", "object_store", "collective", "cuda_ipc"] = Field(
         "auto", description="how new weights reach the Serve replicas. object_store: rank 0 puts the state dict "
