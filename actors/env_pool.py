@@ -1,6 +1,9 @@
 """The pool of EnvWorker actors as the coordinator sees it: launch episodes, collect the finished
 ones, and replace dead workers, re-running their in-flight episodes elsewhere.
 
+Submitted episodes wait in the pool until an env is idle, then start on one that already holds
+their task's scene where one is idle (actors/scene_book.py): a LIBERO scene build costs seconds.
+
 The driver calls `run_episode.remote`, so it OWNS every episode's result refs: a worker that
 dies loses only the episodes it was running, which are re-submitted with the same request.
 A trajectory's bytes, though, live in the object store of the node that ran the episode; an
