@@ -105,7 +105,9 @@ class GraphedActionLogits:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a replica may form a weight-sync group on another thread meanwhile (its CUDA calls
+        # would otherwise break the capture); no other thread touches this capture's stream
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = self._forward(static, stop_token_id, padded)
         torch.cuda.synchronize()
         self.capture_s += time.perf_counter() - start
