@@ -138,6 +138,22 @@ def test_sft_without_a_dataset_names_the_tasks_without_an_expert(tmp_path):
         env.close()
 
 
+def test_place_sphere_expert_needs_more_than_the_registered_50_steps():
+    """configs/maniskill.yaml gives PlaceSphere 80 steps: eval state 99's plan takes 62 and succeeds."""
+    from env_workers.maniskill.experts import EXPERT_TASKS, PlannerExpert, run_expert
+
+    cfg = load_config(ROOT / "configs/maniskill.yaml", ["env.tasks=[PlaceSphere-v1]", *SMALL])
+    assert cfg.env.step_limit("PlaceSphere-v1") == 80 and "PlaceSphere-v1" in EXPERT_TASKS
+    env = make_env(cfg.env)
+    expert = PlannerExpert(env)
+    try:
+        run = run_expert(env, expert, "PlaceSphere-v1", 99)
+    finally:
+        expert.close()
+        env.close()
+    assert run["success"] and 50 < run["steps"] <= 80, run
+
+
 def test_a_batched_env_refuses_the_bimanual_task():
     from env_workers.maniskill.tasks import batch_task
 
