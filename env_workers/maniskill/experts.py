@@ -34,8 +34,9 @@ SETTLE_TOL, SETTLE_STEPS = 0.004, 3  # reach the waypoint before a gripper switc
 # PlaceSphere-v1 needs more than its registered 50 steps (configs/maniskill.yaml gives it 80): its
 # successes take up to 62, and at 50 the expert reaches 87 %. Left out, measured below 90 % on eval
 # states 70-99: PegInsertionSide-v1 (7 %; not diagnosed further, the hole leaves millimetres of
-# clearance), LiftPegUpright-v1 (0 %, also with 250 steps: the follower does not manage the
-# 90-degree reorientation that the planner's ~175 joint-control steps make).
+# clearance), LiftPegUpright-v1 (0 %, also with 150-250 steps: the planner closes the gripper only
+# to -0.6, a loose grip in which the lifted peg swings upright; the OpenVLA gripper is open or
+# closed, and in a firm grip the peg turns only part of the way and falls over when released).
 EXPERT_TASKS = ("PickCube-v1", "PushCube-v1", "PullCube-v1", "StackCube-v1", "PlaceSphere-v1")
 
 
