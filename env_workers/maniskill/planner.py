@@ -82,7 +82,7 @@ class _Recorder(gym.Wrapper):
         agent = self.unwrapped.agent
         at_base = agent.robot.pose.inv() * agent.tcp.pose
         self.poses.append(at_base.raw_pose[0].cpu().numpy().astype(np.float64))
-        # closing is any negative target: the solutions close to CLOSED, LiftPegUpright's only to -0.6
+        # closing is any negative target: the solutions close to -1 (the planner's CLOSED), LiftPegUpright's to -0.6
         self.closed.append(float(np.asarray(action).reshape(-1)[-1]) < 0)
         self.success = bool(out[-1]["success"][0])
         return out
