@@ -21,20 +21,17 @@ class SceneBook:
         self.idle = [Counter({None: envs_per_worker}) for _ in range(workers)]  # task (None: unbuilt) -> idle envs
         self.queued: list[deque] = [deque() for _ in range(workers)]  # tasks waiting for one of the worker's envs
 
-    def held(self, task: str) -> bool:
-        """Does an idle env hold the task's scene?"""
-        return any(idle[task] > 0 for idle in self.idle)
-
     def pick(self, backlog: deque, max_passed_over: int):
         """The backlog episode to start next (None: no env is idle, or nothing waits): the oldest whose
         task an idle env holds, else the oldest. An oldest episode passed over `max_passed_over` times
         goes next whatever its task: no task starves behind a stream of matching ones."""
         if not backlog or not any(+idle for idle in self.idle):
             return None
+        held = {task for idle in self.idle for task in +idle}  # tasks an idle env's scene holds
         oldest = backlog[0]
-        if oldest.passed_over >= max_passed_over or self.held(oldest.task):
+        if oldest.passed_over >= max_passed_over or oldest.task in held:
             return oldest
-        ep = next((e for e in backlog if self.held(e.task)), oldest)
+        ep = next((e for e in backlog if e.task in held), oldest)
         if ep is not oldest:
             oldest.passed_over += 1
         return ep

@@ -29,6 +29,7 @@ from learner.checkpoints import CheckpointManager, load_trajectories, save_traje
 from learner.grpo import group_advantages
 from learner.group import LearnerGroup
 from learner.lr_schedule import run_progress, scheduled_lr
+from services.weight_store import wait_for_current_copy
 
 
 @dataclass
@@ -303,10 +304,9 @@ class GRPOTrainer:
         of the weights is this process's and outlives the ranks, once rank 0 has finished making it
         (the last sync does not wait for it)."""
         try:
-            _, holder, _ = ray.get(self.rollout.weights.current.remote(), timeout=60)
-        except ray.exceptions.RayActorError:  # the rollout is gone already: no replica needs the copy
-            holder = []
-        ray.wait(holder, timeout=660)
+            wait_for_current_copy(self.rollout.weights, timeout_s=660)
+        except RayActorError:  # the rollout is gone already: no replica needs the copy
+            pass
         self.learner.shutdown()
         if self.owns_logger:
             self.logger.close()

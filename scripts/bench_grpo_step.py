@@ -84,11 +84,10 @@ def store_copy_wait(rollout) -> float:
     """Seconds until rank 0's object-store copy of the weights just synced is ready. In a run the copy
     is made beside the next rollout; rank 0 trains only after it, so a rollout shorter than the copy
     (a reduced batch's) would show the rest as train time. Waited for here, it is timed on its own."""
-    import ray
+    from services.weight_store import wait_for_current_copy
 
     start = time.perf_counter()
-    _, holder, _ = ray.get(rollout.weights.current.remote(), timeout=60)
-    ray.wait(holder, timeout=900)
+    wait_for_current_copy(rollout.weights, timeout_s=900)
     return time.perf_counter() - start
 
 

@@ -55,6 +55,7 @@ def main() -> None:
     from deploy.runtime import Rollout, apply_default_env, init_ray
     from deploy.train import GRPOTrainer
     from policy.checkpoint import build_policy, save_policy
+    from services.weight_store import wait_for_current_copy
 
     apply_default_env()
     run_dir = Path(tempfile.mkdtemp(prefix="bench_weight_sync_"))
@@ -92,8 +93,7 @@ def main() -> None:
                     trainer.sync_weights()
                     seconds.append(time.perf_counter() - start)
                     # the store's copy, made on rank 0 after the sync returned (off the sync's path)
-                    _, holder, _ = ray.get(rollout.weights.current.remote(), timeout=60)
-                    ray.wait(holder, timeout=600)
+                    wait_for_current_copy(rollout.weights, timeout_s=600)
                     stored.append(time.perf_counter() - start)
                     # a run cut short (a time limit) keeps every sync it timed; the medians come at the end
                     report["backends"][backend] = {"syncs_s": seconds, "store_copy_ready_s": stored,

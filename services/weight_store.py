@@ -66,3 +66,10 @@ def current_weights(app_name: str, timeout_s: float = 60.0) -> tuple[int | None,
         return None, None, None
     version, holder, weights_id = ray.get(store.current.remote(), timeout=timeout_s)
     return version, (holder[0] if holder else None), weights_id
+
+
+def wait_for_current_copy(store, timeout_s: float) -> None:
+    """Block until the store's current weights are in the object store: after a sync, rank 0 may
+    still be making that copy (actors/weight_sync.py)."""
+    _, holder, _ = ray.get(store.current.remote(), timeout=60)
+    ray.wait(holder, timeout=timeout_s)
