@@ -20,7 +20,7 @@ import ray
 
 from common.config import ClusterConfig, EnvConfig
 from common.records import ChunkResult, Observation
-from env_workers.worker import EnvSlot, to_env_actions
+from env_workers.worker import EnvSlot, SimClock, sim_seconds, to_env_actions
 
 READY_TIMEOUT_S = 300.0  # env builds (LIBERO: seconds each), as for the EnvWorkerPool
 
@@ -33,7 +33,8 @@ class SimWorker:
         torch.set_num_threads(1)  # as EnvWorker: one core per worker
         self.env_cfg = env_cfg
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim")
-        self.slots = [EnvSlot(env_cfg, self.executor) for _ in range(num_envs)]
+        self.clock = SimClock()
+        self.slots = [EnvSlot(env_cfg, self.executor, clock=self.clock) for _ in range(num_envs)]
         self.rng = np.random.default_rng(seed)
 
     def ready(self) -> bool:
@@ -72,6 +73,9 @@ class SimWorker:
         """Env j applies chunks[j] (policy actions; None = leave env j as it is), one env after another."""
         return [None if actions is None else await slot.step_chunk(to_env_actions(self.env_cfg.backend, actions))
                 for slot, actions in zip(self.slots, chunks)]
+
+    def sim_seconds(self) -> dict:
+        return sim_seconds(self.clock, self.slots)
 
     def close(self) -> None:
         for slot in self.slots:

@@ -51,6 +51,12 @@ def to_env_actions(backend: str, actions: np.ndarray) -> np.ndarray:
     return postprocess_gripper(actions, **GRIPPER[backend])
 
 
+def sim_seconds(clock: SimClock, slots: list) -> dict:
+    """The sim thread's busy time so far and, where the env times them (LIBERO), its renders'."""
+    render = [getattr(getattr(s, "env", None), "render_seconds", None) for s in slots]
+    return {"busy": clock.busy_s, "render": None if None in render else sum(render)}
+
+
 class EnvTimeout(RuntimeError):
     pass
 
@@ -74,12 +80,33 @@ class HangDrill:
         return fn
 
 
+class SimClock:
+    """Wall time a worker's sim thread spends inside env calls (benchmarks: a sim thread that is
+    slower per env step than in the sim-only run waits for a core or for the GPU, one that is busy
+    for less of the wall time waits for actions). Only the sim thread adds to it."""
+
+    def __init__(self):
+        self.busy_s = 0.0
+
+    def timed(self, fn):
+        def run(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.busy_s += time.perf_counter() - start
+
+        return run
+
+
 class EnvSlot:
-    def __init__(self, env_cfg: EnvConfig, executor: ThreadPoolExecutor, drill: HangDrill | None = None):
+    def __init__(self, env_cfg: EnvConfig, executor: ThreadPoolExecutor, drill: HangDrill | None = None,
+                 clock: SimClock | None = None):
         self.env_cfg = env_cfg
         self.executor = executor
         self.env = self.executor.submit(self._make).result()
         self.drill = drill or HangDrill()  # a worker's envs share its drill; alone (SimWorker), one that never fires
+        self.clock = clock or SimClock()  # a worker's envs share its sim thread's clock
 
     def _make(self):
         from env_workers.factory import make_env
@@ -89,7 +116,7 @@ class EnvSlot:
     async def call(self, fn_name: str, *args, steps: int = 1):
         """env.<fn_name>(*args) on the sim thread, with a deadline of env.step_timeout_s per env step."""
         loop = asyncio.get_running_loop()
-        fn = self.drill.wrap(getattr(self.env, fn_name))
+        fn = self.clock.timed(self.drill.wrap(getattr(self.env, fn_name)))
         fut = loop.run_in_executor(self.executor, fn, *args)
         deadline = self.env_cfg.step_timeout_s * steps
         try:
@@ -127,6 +154,7 @@ class EnvWorker:
         self.batcher = ActionBatcher(self._send, batch_max_wait_s, policy_timeout_s, request_groups)
         self.num_envs = num_envs
         self.drill = HangDrill()
+        self.clock = SimClock()
         self._build_slots()
         self.act_many = None  # the policy service's act_many (a Serve handle)
         self.env_steps = 0
@@ -140,7 +168,7 @@ class EnvWorker:
             self.slots = rounds.slots
             self.pool = SlotPool(self.slots, on_busy=rounds.slot_busy, on_idle=rounds.slot_idle)
             return
-        self.slots = [EnvSlot(self.env_cfg, self.executor, self.drill) for _ in range(self.num_envs)]
+        self.slots = [EnvSlot(self.env_cfg, self.executor, self.drill, self.clock) for _ in range(self.num_envs)]
         self.pool = SlotPool(self.slots, on_busy=self.batcher.env_busy, on_idle=self.batcher.env_idle)
 
     def ready(self) -> bool:
@@ -252,6 +280,9 @@ class EnvWorker:
 
     def total_env_steps(self) -> int:
         return self.env_steps
+
+    def sim_seconds(self) -> dict:
+        return sim_seconds(self.clock, self.slots)
 
     def inject_hang(self, seconds: float) -> None:
         """Fault drill: the worker's next env call blocks its sim thread for `seconds` (past

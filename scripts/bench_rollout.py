@@ -70,6 +70,21 @@ def mean_batch(before: dict, after: dict) -> float:
     return (after["served"] - before["served"]) / max(after["batches"] - before["batches"], 1)
 
 
+def sim_clocks(workers: list) -> list[dict]:
+    return ray.get([w.sim_seconds.remote() for w in workers], timeout=60)
+
+
+def sim_thread_figures(workers: list, before: list[dict], figures: dict) -> dict:
+    """What the workers' sim threads did over the timed part: wall ms inside env calls per env step
+    (against the sim phase's: waiting for a core or for the GPU), the share of the wall time they
+    were busy (below the sim phase's: waiting for actions), and the renders' ms per env step (LIBERO)."""
+    after = sim_clocks(workers)
+    steps, busy = max(figures["env_steps"], 1), sum(a["busy"] - b["busy"] for a, b in zip(after, before))
+    render = None if any(a["render"] is None for a in after) else sum(a["render"] - b["render"] for a, b in zip(after, before))
+    return {"sim_thread_ms_per_env_step": 1000 * busy / steps, "sim_thread_busy_fraction": busy / (figures["seconds"] * len(workers)),
+            "render_ms_per_env_step": None if render is None else 1000 * render / steps}
+
+
 def measure_ours(rollout: Rollout, cfg: RunConfig, requests: list, rounds: int) -> dict:
     def episodes(pairs):
         return [Episode(t, s, cfg.rollout.temperature, False) for t, s in pairs]
@@ -77,11 +92,11 @@ def measure_ours(rollout: Rollout, cfg: RunConfig, requests: list, rounds: int) 
     # warm-up: one episode per slot, so that every env has built its task's scene (LIBERO: a whole robosuite
     # env, seconds) before the timed rounds, as the sim and lock-step phases' envs have
     rollout.pool.run_all(episodes(requests), TIMEOUT_S)
-    before = replica_stats(rollout.handle)
+    before, clocks = replica_stats(rollout.handle), sim_clocks(rollout.pool.workers)
     with PhaseMeter() as meter:
         done = rollout.pool.run_all(episodes(requests * rounds), TIMEOUT_S)
-    after = replica_stats(rollout.handle)
-    return {**meter.figures(sum(d.meta.env_steps for d in done)), "episodes": len(done),
+    after, figures = replica_stats(rollout.handle), meter.figures(sum(d.meta.env_steps for d in done))
+    return {**figures, **sim_thread_figures(rollout.pool.workers, clocks, figures), "episodes": len(done),
             "mean_inference_batch": mean_batch(before, after)}
 
 
@@ -110,20 +125,22 @@ def lockstep_round(handle, workers: list, parts: list[list], cfg: RunConfig, ste
 def measure_lockstep(handle, workers: list, cfg: RunConfig, requests: list, rounds: int) -> dict:
     parts = shards(requests, cfg.cluster.envs_per_worker)
     lockstep_round(handle, workers, parts, cfg, steps=cfg.policy.action_chunk)  # warm-up: one step at full batch
-    before = replica_stats(handle)
+    before, clocks = replica_stats(handle), sim_clocks(workers)
     with PhaseMeter() as meter:
         out = [lockstep_round(handle, workers, parts, cfg) for _ in range(rounds)]
-    after = replica_stats(handle)
-    return {**meter.figures(sum(o["env_steps"] for o in out)), "queries": sum(o["queries"] for o in out),
+    after, figures = replica_stats(handle), meter.figures(sum(o["env_steps"] for o in out))
+    return {**figures, **sim_thread_figures(workers, clocks, figures), "queries": sum(o["queries"] for o in out),
             "mean_inference_batch": mean_batch(before, after)}
 
 
 def measure_sim(workers: list, cfg: RunConfig, requests: list, seconds: float, warmup_s: float) -> dict:
     parts, chunk = shards(requests, cfg.cluster.envs_per_worker), cfg.policy.action_chunk
     ray.get([w.run_random.remote(p, warmup_s, chunk) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
+    clocks = sim_clocks(workers)
     with PhaseMeter() as meter:
         out = ray.get([w.run_random.remote(p, seconds, chunk) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
-    return {**meter.figures(sum(o["env_steps"] for o in out)), "episodes": sum(o["episodes"] for o in out),
+    figures = meter.figures(sum(o["env_steps"] for o in out))
+    return {**figures, **sim_thread_figures(workers, clocks, figures), "episodes": sum(o["episodes"] for o in out),
             "mean_inference_batch": None}
 
 

@@ -37,6 +37,9 @@ def test_bench_gpu_reports_every_phase_on_the_cpu(tmp_path):
         r = result[phase]
         assert r["env_steps"] > 0 and r["env_steps_per_s"] > 0 and r["cpu_ms_per_env_step"] > 0, (phase, r)
         assert r["gpu_util"] is None or 0 <= r["gpu_util"]["mean_pct"] <= 100
+        # the sim threads' own clock: inside env calls for part of the wall time; the tabletop times no renders
+        assert r["sim_thread_ms_per_env_step"] > 0 and 0 < r["sim_thread_busy_fraction"] <= 1.05, (phase, r)
+        assert r["render_ms_per_env_step"] is None
     assert result["sim"]["episodes"] >= 1 and result["sim"]["mean_inference_batch"] is None
     # the CPU by role: the sim workers step in sim, the env workers and the replica in ours
     assert result["sim"]["cpu_ms_per_env_step_by_role"]["SimWorker"] > 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import time
 import weakref
 
 import numpy as np
@@ -56,6 +57,7 @@ class LiberoEnv:
         self._done = True
         self._obs: dict | None = None
         self._exit_hook = False
+        self.render_seconds = 0.0  # wall time of the camera renders so far (benchmarks read it)
 
     # --- EpisodeEnv API ---
     @property
@@ -164,6 +166,8 @@ class LiberoEnv:
                 self._env = OffScreenRenderEnv(bddl_file_name=str(self.catalog.task(task).bddl_file), camera_names=[CAMERA],
                                                camera_heights=size, camera_widths=size, hard_reset=False, ignore_done=True)
             self._env_task = task
+            camera = self._env.env._observables[f"{CAMERA}_image"]
+            camera._sensor = _timed_sensor(camera._sensor, self)
             if not self._exit_hook:
                 # Registered after robosuite's eglTerminate hook (added with the first GL context), so it
                 # runs first: contexts freed after eglTerminate print tracebacks at interpreter exit.
@@ -176,6 +180,20 @@ class LiberoEnv:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _timed_sensor(sensor, env: LiberoEnv):
+    """The camera's sensor, adding its wall time to `env.render_seconds`: a render waits for the
+    GPU, which it shares with the policy's forwards on one box."""
+    def timed(obs_cache):
+        start = time.perf_counter()
+        try:
+            return sensor(obs_cache)
+        finally:
+            env.render_seconds += time.perf_counter() - start
+
+    timed.__modality__ = sensor.__modality__
+    return timed
 
 
 @contextlib.contextmanager
