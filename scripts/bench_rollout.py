@@ -63,7 +63,9 @@ def shards(requests: list, per: int) -> list[list]:
 
 
 def replica_stats(handle) -> dict:
-    return handle.stats.remote().result(timeout_s=60)
+    """Observations served and forward passes, summed over every replica."""
+    stats = handle.broadcast("stats").results(timeout_s=60)
+    return {k: sum(s[k] for s in stats) for k in ("served", "batches")}
 
 
 def mean_batch(before: dict, after: dict) -> float:
