@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.cfg = load_config(args.config, [f"policy.device={args.device}", f"policy.dtype={args.dtype}",
                                              "logging.tensorboard=false", *args.overrides])
+        if args.cfg.policy.path is None and args.cfg.policy.unnorm_key is not None:
+            raise ConfigError(f"policy.unnorm_key: {args.cfg.policy.unnorm_key!r} needs a checkpoint's dataset statistics; "
+                              "random weights (policy.path: null) have none: set policy.unnorm_key=null or give policy.path")
         if set(args.phases) & {"sim", "ours", "lockstep"}:  # their roles must fit before a cluster starts
             check_tasks(args.cfg)
             check_local_resources(args.cfg, learner=False)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SLOTS, MAX_STEPS, CHUNK = 2, 16, 8  # 1 worker x 2 envs, episodes of two chunks
@@ -65,3 +67,13 @@ def test_roles_that_do_not_fit_the_machine_stop_the_bench_before_a_cluster_start
     assert proc.returncode == 2
     assert "cluster: the roles ask for" in proc.stderr and "num_env_workers" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_random_policy_with_an_unnorm_key_is_refused_in_one_line(capsys):
+    """Random weights carry no dataset statistics: LIBERO's configs name a key only a checkpoint has."""
+    from scripts.bench_gpu import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", "configs/libero_spatial.yaml", "--device", "cpu", "--phases", "inference"])
+    assert exit_info.value.code == 2
+    assert "policy.unnorm_key: 'libero_spatial_no_noops'" in capsys.readouterr().err
