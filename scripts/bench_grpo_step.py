@@ -16,7 +16,12 @@ train at the measured seconds per chunk, weight sync as measured (it does not gr
 and whatever part of rank 0's object-store copy of the weights the rollout does not hide (after each
 step the script waits for that copy and times it: `store_copy_s`).
 With every episode at the step limit this is the upper bound of a step; a policy that succeeds
-ends episodes early. Writes JSON to --out (default $OUT/bench_grpo_step.json when OUT is set, else
+ends episodes early.
+
+With rollout.max_policy_lag >= 1 the env slots keep rolling out while the learner trains, so the
+phases overlap and do not add up. Then the figure is the steady state: each step's wall time (the
+copy's wait included, where it falls in a run) per trained chunk, over the steps after the first,
+times the paper batch's chunks. Writes JSON to --out (default $OUT/bench_grpo_step.json when OUT is set, else
 runs/bench_grpo_step.json) after every step, and prints the arithmetic.
 """
 
@@ -120,6 +125,25 @@ def extrapolate(step: dict, groups: int, group_size: int, max_steps: int, chunk:
     }
 
 
+def extrapolate_overlapped(steps: list[dict], groups: int, group_size: int, max_steps: int, chunk: int) -> dict:
+    """The paper's batch from steady-state steps of an overlapped run (max_policy_lag >= 1): rollout
+    and train share the step's wall time, and both grow with the batch's chunks."""
+    trajs = groups * group_size
+    chunks = trajs * -(-max_steps // chunk)
+    wall, trained = sum(st["wall_s"] for st in steps), sum(st["chunks"] for st in steps)
+    total = chunks * wall / trained
+    return {
+        "trajectories": trajs, "env_steps": trajs * max_steps, "chunks": chunks, "overlapped": True,
+        "total_s": total, "total_min": total / 60,
+        "arithmetic": [
+            f"steps {', '.join(str(st['step']) for st in steps)}: {wall:.1f} s of wall time for {trained} trained chunks "
+            f"= {wall / trained * 1e3:.1f} ms per chunk, rollout and train overlapped",
+            f"{trajs} x ceil({max_steps}/{chunk}) = {chunks} chunks x {wall / trained * 1e3:.1f} ms = {total:.0f} s "
+            f"= {total / 60:.1f} min",
+        ],
+    }
+
+
 def write(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
@@ -137,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     from scripts.bench_rollout import random_policy_dir
 
     cfg = args.cfg
+    overlapped = cfg.rollout.max_policy_lag >= 1
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
               "config": args.config, "overrides": args.overrides,
               "batch": {"groups": cfg.rollout.groups_per_batch, "group_size": cfg.rollout.group_size,
@@ -156,12 +181,16 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = GRPOTrainer(cfg, policy_dir, rollout)
         result["setup_s"] = time.perf_counter() - start
         print(f"[bench_grpo_step] roles up in {result['setup_s']:.0f} s", flush=True)
-        for _ in range(args.steps):
+        began = time.perf_counter()
+        for step in range(1, args.steps + 1):
             scalars = trainer.train_step()
             s = trainer.coordinator.stats
             trajectories = cfg.rollout.groups_per_batch * cfg.rollout.group_size
-            result["steps"].append(step_figures(scalars, s.env_steps, s.episodes, trajectories))
-            result["steps"][-1]["store_copy_s"] = store_copy_wait(rollout)
+            result["steps"].append({"step": step, **step_figures(scalars, s.env_steps, s.episodes, trajectories),
+                                    "wall_s": time.perf_counter() - began})
+            if not overlapped:  # timed apart (see store_copy_wait); overlapped, it falls where it falls in a run
+                result["steps"][-1]["store_copy_s"] = store_copy_wait(rollout)
+            began = time.perf_counter()
             if torch.cuda.is_available():
                 result["peak_gpu_gb_driver"] = torch.cuda.max_memory_allocated() / 2**30  # this process only
             write(result, args.out)
@@ -177,16 +206,19 @@ def main(argv: list[str] | None = None) -> dict:
         if owns_ray:
             ray.shutdown()
         signal.signal(signal.SIGTERM, previous)
-    result["paper_batch"] = extrapolate(result["steps"][-1], args.paper_groups, args.paper_group_size,
-                                        args.paper_max_steps, cfg.policy.action_chunk)
+    paper = (args.paper_groups, args.paper_group_size, args.paper_max_steps, cfg.policy.action_chunk)
+    if overlapped:  # the first step has nothing to overlap with
+        result["paper_batch"] = extrapolate_overlapped(result["steps"][1:] or result["steps"], *paper)
+    else:
+        result["paper_batch"] = extrapolate(result["steps"][-1], *paper)
     write(result, args.out)
     print(f"\n{result['device']}: {len(result['steps'])} GRPO steps of {cfg.rollout.groups_per_batch} x "
           f"{cfg.rollout.group_size} trajectories, env.max_steps {cfg.env.max_steps}, weight sync {cfg.learner.weight_sync}")
     for i, st in enumerate(result["steps"], 1):
         print(f"  step {i}: " + "  ".join(f"{k} {v:6.1f} s" for k, v in st["seconds"].items())
-              + f"  total {st['total_s']:.1f} s")
+              + f"  total {st['total_s']:.1f} s  wall {st['wall_s']:.1f} s")
     print(f"paper batch ({args.paper_groups} x {args.paper_group_size}, {args.paper_max_steps} steps), "
-          "from the last step:")
+          + ("from the steps after the first, overlapped:" if overlapped else "from the last step:"))
     for line in result["paper_batch"]["arithmetic"]:
         print("  " + line)
     return result

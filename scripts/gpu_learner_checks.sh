@@ -10,12 +10,13 @@
 #             an OOM in one cannot take the others with it)
 #   devices   scripts/check_learner_devices.py: the demo's policy, a few GRPO steps on cpu and on cuda
 #   step      scripts/bench_grpo_step.py, configs/gpu_1x16.yaml + LoRA: whole GRPO steps on LIBERO-Spatial
+#   step_overlap  the same with rollout.max_policy_lag=1: rollout beside the learner's update
 #   sync      scripts/bench_weight_sync.py: the 7B-shaped policy's weights, object_store against cuda_ipc
 #   demo_step scripts/bench_grpo_step.py, configs/demo.yaml with the policy on the GPU (seconds per RL step)
 # Writes under $OUT (default runs/gpu_learner_checks): stack.txt, CHECK.log and CHECK.json per check.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_learner_checks}
-CHECKS=${CHECKS:-learner,devices,step,sync,demo_step}
+CHECKS=${CHECKS:-learner,devices,step,step_overlap,sync,demo_step}
 LIMIT_S=${LIMIT_S:-300}  # per check; at 7B the step check's roles alone take ~3 min to start: give it LIMIT_S=560
 # STEP_ENV: env overrides for the step check, e.g. the built-in tabletop suite where LIBERO is not installed:
 #   STEP_ENV="env.backend=tabletop env.suite=tabletop env.image_size=224 env.num_steps_wait=0"
@@ -56,9 +57,16 @@ check step $PY scripts/bench_grpo_step.py --config configs/gpu_1x16.yaml --steps
   rollout.groups_per_batch=6 env.max_steps=128 learner.gradient_checkpointing=false ${STEP_ENV:-}
 # the step check's random 7B policy, when it saved one (the same shape): saves writing 15 GB again
 saved=runs/gpu_1x16/bench/random_policy
+reuse() { [ -e $saved/config.json ] && echo policy.path=$saved; }
+# the same steps with the env slots rolling out while the learner trains (max_policy_lag 1): the paper's
+# batch from the steady state of steps 2-4
+check step_overlap $PY scripts/bench_grpo_step.py --config configs/gpu_1x16.yaml --steps 4 --out "$OUT/step_overlap.json" \
+  learner.lora.rank=32 learner.weight_sync=cuda_ipc learner.mini_batch_size=16 learner.micro_batch_chunks=16 \
+  rollout.groups_per_batch=6 env.max_steps=128 learner.gradient_checkpointing=false rollout.max_policy_lag=1 \
+  $(reuse) ${STEP_ENV:-}
 check sync $PY scripts/bench_weight_sync.py configs/oft7b.yaml --replicas 1 --syncs ${SYNCS:-3} \
   --backends cuda_ipc,object_store --json "$OUT/sync.json" learner.lora.rank=32 cluster.replica_gpus=0.5 \
-  cluster.learner_gpus=0.5 cluster.num_env_workers=1 cluster.envs_per_worker=1 $( [ -e $saved/config.json ] && echo policy.path=$saved )
+  cluster.learner_gpus=0.5 cluster.num_env_workers=1 cluster.envs_per_worker=1 $(reuse)
 check demo_step $PY scripts/bench_grpo_step.py --config configs/demo.yaml --steps 4 --out "$OUT/demo_step.json" \
   policy.unnorm_key=tabletop_pretrain "learner.loss_terms={}" policy.device=cuda cluster.replica_gpus=0.5 \
   cluster.learner_gpus=0.5 cluster.comm_backend=nccl cluster.num_env_workers=12 cluster.env_worker_cpus=1

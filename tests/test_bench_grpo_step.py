@@ -47,3 +47,21 @@ def test_a_bad_override_stops_the_bench_before_anything_starts(tmp_path, capsys)
     assert stop.value.code == 2
     assert "learner.weight_sync" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_an_overlapped_run_extrapolates_from_its_steady_state(ray_cluster, tiny_policy_dir, tmp_path):
+    """max_policy_lag 1: rollout runs beside the update, so the paper's batch comes from the wall time
+    per trained chunk of the steps after the first, not from phases that overlap."""
+    out = tmp_path / "step.json"
+    main(["--config", "configs/tiny.yaml", "--steps", "3", "--paper-groups", "4", "--paper-group-size", "8",
+          "--paper-max-steps", "32", "--out", str(out), f"env.max_steps={MAX_STEPS}", "rollout.max_policy_lag=1",
+          f"rollout.groups_per_batch={GROUPS}", f"rollout.group_size={GROUP_SIZE}",
+          f"learner.mini_batch_size={GROUPS * GROUP_SIZE}", "cluster.learner_world_size=1",
+          f"policy.path={tiny_policy_dir}", f"run_dir={tmp_path / 'run'}"])
+    result = json.loads(out.read_text())
+    steps, paper = result["steps"], result["paper_batch"]
+    assert [st["step"] for st in steps] == [1, 2, 3] and all(st["wall_s"] > 0 for st in steps)
+    assert all("store_copy_s" not in st for st in steps)  # overlapped, the copy's wait is in the wall time
+    per_chunk = (steps[1]["wall_s"] + steps[2]["wall_s"]) / (steps[1]["chunks"] + steps[2]["chunks"])
+    assert paper["overlapped"] and paper["chunks"] == 32 * 4
+    assert abs(paper["total_s"] - 128 * per_chunk) < 1e-6
