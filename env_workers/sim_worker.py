@@ -3,8 +3,9 @@
 It hosts the same envs as EnvWorker (`EnvSlot`: one sim thread per worker, the same per-step
 deadline, the same action conventions) and is placed the same way, but its actions come from
 elsewhere:
-  - `run_random`: every env steps random action chunks, episode after episode, for a while: the
-    simulation ceiling, what the workers reach when inference costs nothing;
+  - `run_random`: every env steps random action chunks, episode after episode (resets included),
+    for a while or a number of episodes: the simulation ceiling, what the workers reach when
+    inference costs nothing;
   - `reset` / `step`: a driver steps all envs of all workers together with one batched forward per
     step in between (the lock-step baseline, scripts/bench_rollout.py).
 """
@@ -12,6 +13,7 @@ elsewhere:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,18 +46,21 @@ class SimWorker:
         env = self.slots[0].env
         return {t: {"instruction": env.instruction(t), "train": env.init_states(t, "train")} for t in env.task_names}
 
-    async def run_random(self, requests: list[tuple[str, int]], seconds: float, chunk: int) -> dict:
-        """Env j runs episodes of requests[j] with uniform random action chunks (policy convention,
-        converted as EnvWorker converts) until `seconds` have passed; every applied step counts."""
-        deadline = time.monotonic() + seconds
-        counts = await asyncio.gather(*(self._random_episodes(slot, request, deadline, chunk)
+    async def run_random(self, requests: list[tuple[str, int]], chunk: int, seconds: float | None = None,
+                         episodes: int | None = None) -> dict:
+        """Env j runs episodes of requests[j] (reset included) with uniform random action chunks
+        (policy convention, converted as EnvWorker converts) until `seconds` have passed (the episode
+        in progress stops there) or it has run `episodes` whole episodes; every applied step counts."""
+        deadline = math.inf if seconds is None else time.monotonic() + seconds
+        limit = math.inf if episodes is None else episodes
+        counts = await asyncio.gather(*(self._random_episodes(slot, request, deadline, limit, chunk)
                                         for slot, request in zip(self.slots, requests)))
         return {"env_steps": sum(c[0] for c in counts), "episodes": sum(c[1] for c in counts)}
 
-    async def _random_episodes(self, slot: EnvSlot, request: tuple[str, int], deadline: float, chunk: int):
+    async def _random_episodes(self, slot: EnvSlot, request: tuple[str, int], deadline: float, limit: float, chunk: int):
         steps = episodes = 0
         action_dim = slot.env.action_dim
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and episodes < limit:
             await slot.call("reset", *request)
             done = False
             while not done and time.monotonic() < deadline:

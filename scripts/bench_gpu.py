@@ -1,15 +1,16 @@
 """One machine, one run: our rollout against its two ceilings and a lock-step rollout, side by side.
 
     python scripts/bench_gpu.py [--config configs/gpu_1x16.yaml] [--phases sim,inference,ours,lockstep]
-        [--sim-seconds 30] [--warmup-seconds 5] [--rounds 2]
+        [--warmup-seconds 5] [--rounds 2]
         [--device cuda] [--dtype bfloat16] [--batches 1,8,32,64] [--iters 20] [--warmup 3]
         [--latency-iters 50] [--image-size 256] [--prompts uniform,mixed] [--compile] [--cuda-graphs]
         [--out PATH] [key=value ...]
 
 Phases (any subset; they run in the order inference, ours, sim, lockstep, so that each finds the
 CPUs and the GPU free of the others):
-  sim        (a) sim-only ceiling: the config's env workers (same number, same envs each) step random
-             action chunks for --sim-seconds, no policy (env_workers/sim_worker.py)
+  sim        (a) sim-only ceiling: the config's env workers (same number, same envs each) run the
+             same --rounds rounds of one episode per env slot as ours and lockstep (resets included)
+             with random action chunks, no policy (env_workers/sim_worker.py)
   inference  (b) inference-only ceiling: the policy on this process's device, no Ray, no envs
              (scripts/bench_inference.py: chunks/s, MFU, batch-1 latency, attention kernels)
   ours       (c) our rollout through the real pipeline (deploy/runtime.py Rollout, actors/env_pool.py)
@@ -55,9 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/gpu_1x16.yaml")
     p.add_argument("--phases", default=",".join(PHASES), type=lambda s: s.split(","),
                    help=f"comma-separated subset of {','.join(PHASES)}")
-    p.add_argument("--sim-seconds", type=float, default=30.0, help="sim: timed window of random stepping")
-    p.add_argument("--warmup-seconds", type=float, default=5.0, help="sim: random stepping before the window")
-    p.add_argument("--rounds", type=int, default=2, help="ours, lockstep: rounds of one episode per env slot")
+    p.add_argument("--warmup-seconds", type=float, default=5.0, help="sim: random stepping before the timed rounds")
+    p.add_argument("--rounds", type=int, default=2, help="sim, ours, lockstep: rounds of one episode per env slot")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--batches", default="1,8,32,64", type=lambda s: [int(x) for x in s.split(",")])
@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--phases: unknown {sorted(unknown)}; known: {','.join(PHASES)}")
     if any(b < 1 for b in args.batches) or args.iters < 1 or set(args.prompts) - {"uniform", "mixed"}:
         p.error("batches and iters must be positive; prompts are uniform and/or mixed")
-    if args.sim_seconds <= 0 or args.warmup_seconds < 0 or args.rounds < 1:
-        p.error("--sim-seconds must be positive, --warmup-seconds at least 0 and --rounds at least 1")
+    if args.warmup_seconds < 0 or args.rounds < 1:
+        p.error("--warmup-seconds must be at least 0 and --rounds at least 1")
     if not Path(args.config).is_file() and (ROOT / args.config).is_file():
         args.config = str(ROOT / args.config)
     try:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
               "config": args.config, "overrides": args.overrides, "phases": [p for p in PHASES if p in phases],
               "env": {"backend": cfg.env.backend, "suite": cfg.env.suite, "max_steps": cfg.env.max_steps,
                       "num_env_workers": cluster.num_env_workers, "envs_per_worker": cluster.envs_per_worker},
-              "rounds": args.rounds, "sim_seconds": args.sim_seconds}
+              "rounds": args.rounds}
 
     def record(phase: str, figures: dict) -> None:
         result[phase] = figures
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         import ray
 
         try:
-            run_phases(cfg, policy_dir, phases, record, args.rounds, args.sim_seconds, args.warmup_seconds)
+            run_phases(cfg, policy_dir, phases, record, args.rounds, args.warmup_seconds)
         finally:
             ray.shutdown()
     write(result, args.out)

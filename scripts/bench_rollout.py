@@ -40,7 +40,6 @@ from policy.checkpoint import build_policy, save_policy  # noqa: E402
 from scripts.phase_meter import PhaseMeter  # noqa: E402
 
 ROUNDS = 8  # rounds of one episode per env slot, per mode
-SIM_SECONDS = 30.0  # the sim-only phase's timed window
 WARMUP_SECONDS = 5.0  # random stepping before it (first resets: JIT compiles, GL contexts)
 TIMEOUT_S = 3600.0  # a whole phase
 POLICY_TIMEOUT_S = 120.0  # one lock-step forward
@@ -135,19 +134,23 @@ def measure_lockstep(handle, workers: list, cfg: RunConfig, requests: list, roun
             "mean_inference_batch": mean_batch(before, after)}
 
 
-def measure_sim(workers: list, cfg: RunConfig, requests: list, seconds: float, warmup_s: float) -> dict:
+def measure_sim(workers: list, cfg: RunConfig, requests: list, rounds: int, warmup_s: float) -> dict:
+    """The same episodes as ours and lockstep (`rounds` per env slot, from reset to the step limit),
+    with random actions: a window of stepping would leave out the resets when it is shorter than an
+    episode (a LIBERO reset and its settle steps cost the sim thread about a second)."""
     parts, chunk = shards(requests, cfg.cluster.envs_per_worker), cfg.policy.action_chunk
-    ray.get([w.run_random.remote(p, warmup_s, chunk) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
+    # warm-up: every env builds its task's scene (LIBERO: seconds), as in the other phases
+    ray.get([w.run_random.remote(p, chunk, seconds=warmup_s) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
     clocks = sim_clocks(workers)
     with PhaseMeter() as meter:
-        out = ray.get([w.run_random.remote(p, seconds, chunk) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
+        out = ray.get([w.run_random.remote(p, chunk, episodes=rounds) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
     figures = meter.figures(sum(o["env_steps"] for o in out))
     return {**figures, **sim_thread_figures(workers, clocks, figures), "episodes": sum(o["episodes"] for o in out),
             "mean_inference_batch": None}
 
 
 def run_phases(cfg: RunConfig, policy_dir: str | None, phases: set[str], record: Callable[[str, dict], None],
-               rounds: int = ROUNDS, sim_seconds: float = SIM_SECONDS, warmup_s: float = WARMUP_SECONDS) -> None:
+               rounds: int = ROUNDS, warmup_s: float = WARMUP_SECONDS) -> None:
     """Runs the selected phases of {'ours', 'lockstep', 'sim'} on the Ray cluster and hands each
     result to record(phase, figures). Order: ours first (its EnvWorkers), then the SimWorkers that
     take their CPUs over run sim and lockstep (lockstep against the same policy service)."""
@@ -165,7 +168,7 @@ def run_phases(cfg: RunConfig, policy_dir: str | None, phases: set[str], record:
             info = rollout.task_info if rollout else ray.get(workers[0].task_info.remote(), timeout=120)
             requests = slot_requests({t: v for t, v in info.items() if not cfg.env.tasks or t in cfg.env.tasks}, slots)
             if "sim" in phases:
-                record("sim", measure_sim(workers, cfg, requests, sim_seconds, warmup_s))
+                record("sim", measure_sim(workers, cfg, requests, rounds, warmup_s))
             if "lockstep" in phases:
                 record("lockstep", measure_lockstep(rollout.handle, workers, cfg, requests, rounds))
     finally:

@@ -8,11 +8,10 @@
 # bench_gpu.json (rewritten after every phase, so a run cut short keeps what it measured), and
 # ray_logs.tar.gz when the benchmark fails.
 # Phase bounds: episodes of ENV_STEPS steps (a random policy never succeeds: every episode runs that
-# long), one round of one episode per env slot for ours and lockstep, SIM_SECONDS of random stepping.
+# long), one round of one episode per env slot for sim, ours and lockstep.
 set -euo pipefail
 OUT=${OUT:-runs/gpu_checks}
 ENV_STEPS=${ENV_STEPS:-256}
-SIM_SECONDS=${SIM_SECONDS:-20}
 LIMIT_S=${LIMIT_S:-450}  # the benchmark is stopped here (its JSON keeps the phases done): the script ends inside 9 minutes
 PHASES=${PHASES:-sim,inference,ours,lockstep}
 # EXTRA: more options and key=value overrides for a variant run, e.g. the regional torch.compile in the
@@ -31,7 +30,7 @@ status=0
 timeout --signal=TERM --kill-after=15 "$LIMIT_S" $PY scripts/bench_gpu.py --config configs/gpu_1x16.yaml \
   --phases "$PHASES" --out "$OUT/bench_gpu.json" \
   --batches 1,8,32,64 --iters 10 --warmup 2 --latency-iters 30 \
-  --sim-seconds "$SIM_SECONDS" --warmup-seconds 5 --rounds 1 "env.max_steps=$ENV_STEPS" ${EXTRA:-} \
+  --warmup-seconds 5 --rounds 1 "env.max_steps=$ENV_STEPS" ${EXTRA:-} \
   2>&1 | tee "$OUT/bench_gpu.log" || status=$?
 if [ "$status" -ne 0 ]; then
   echo "bench_gpu.py failed (exit $status); Ray's logs in $OUT/ray_logs.tar.gz" | tee -a "$OUT/bench_gpu.log"

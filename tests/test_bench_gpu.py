@@ -28,7 +28,7 @@ def test_bench_gpu_reports_every_phase_on_the_cpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--config", "configs/tiny.yaml", "--device", "cpu",
          "--phases", "sim,inference,ours,lockstep", "--batches", "1", "--prompts", "mixed", "--iters", "1",
-         "--warmup", "0", "--latency-iters", "2", "--sim-seconds", "2", "--warmup-seconds", "0.5", "--rounds", "1",
+         "--warmup", "0", "--latency-iters", "2", "--warmup-seconds", "0.5", "--rounds", "1",
          "--out", str(out), f"env.max_steps={MAX_STEPS}", "cluster.num_env_workers=1",
          f"cluster.envs_per_worker={SLOTS}", f"run_dir={tmp_path / 'run'}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -42,7 +42,9 @@ def test_bench_gpu_reports_every_phase_on_the_cpu(tmp_path):
         # the sim threads' own clock: inside env calls for part of the wall time; the tabletop times no renders
         assert r["sim_thread_ms_per_env_step"] > 0 and 0 < r["sim_thread_busy_fraction"] <= 1.05, (phase, r)
         assert r["render_ms_per_env_step"] is None
-    assert result["sim"]["episodes"] >= 1 and result["sim"]["mean_inference_batch"] is None
+    # sim: the same whole episodes as ours, one per slot
+    assert result["sim"]["episodes"] == SLOTS and result["sim"]["env_steps"] <= SLOTS * MAX_STEPS
+    assert result["sim"]["mean_inference_batch"] is None
     # the CPU by role: the sim workers step in sim, the env workers and the replica in ours
     assert result["sim"]["cpu_ms_per_env_step_by_role"]["SimWorker"] > 0
     assert {"EnvWorker", "ServeReplica"} <= set(result["ours"]["cpu_ms_per_env_step_by_role"])
