@@ -190,8 +190,10 @@ def print_summary(result: dict) -> None:
             roles = list(r["cpu_ms_per_env_step_by_role"].items())[:6]
             print(f"{labels[key]:>14} CPU ms/step by role: " + ", ".join(f"{n} {ms:.2f}" for n, ms in roles))
             render = "-" if r.get("render_ms_per_env_step") is None else f"{r['render_ms_per_env_step']:.2f}"
+            spread = r["sim_thread_busy_by_worker"]
             print(f"{labels[key]:>14} sim threads: {r['sim_thread_ms_per_env_step']:.2f} ms/step, "
-                  f"{100 * r['sim_thread_busy_fraction']:.0f} % busy; renders {render} ms/step")
+                  f"{100 * r['sim_thread_busy_fraction']:.0f} % busy (workers {100 * min(spread):.0f}-{100 * max(spread):.0f} %); "
+                  f"renders {render} ms/step")
     for name, t in result["targets"].items():
         value = "not measured" if t["value"] is None else f"{t['value']:.2f} ({'met' if t['met'] else 'NOT met'})"
         print(f"target {name} >= {t['target']:g}: {value}")

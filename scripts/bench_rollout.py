@@ -78,11 +78,15 @@ def sim_clocks(workers: list) -> list[dict]:
 def sim_thread_figures(workers: list, before: list[dict], figures: dict) -> dict:
     """What the workers' sim threads did over the timed part: wall ms inside env calls per env step
     (against the sim phase's: waiting for a core or for the GPU), the share of the wall time they
-    were busy (below the sim phase's: waiting for actions), and the renders' ms per env step (LIBERO)."""
+    were busy (below the sim phase's: waiting for actions), that share per worker, and the renders'
+    ms per env step (LIBERO)."""
     after = sim_clocks(workers)
-    steps, busy = max(figures["env_steps"], 1), sum(a["busy"] - b["busy"] for a, b in zip(after, before))
+    per_worker = [a["busy"] - b["busy"] for a, b in zip(after, before)]
+    steps, busy = max(figures["env_steps"], 1), sum(per_worker)
     render = None if any(a["render"] is None for a in after) else sum(a["render"] - b["render"] for a, b in zip(after, before))
     return {"sim_thread_ms_per_env_step": 1000 * busy / steps, "sim_thread_busy_fraction": busy / (figures["seconds"] * len(workers)),
+            # a round ends with its slowest worker: the spread shows how long the others wait for it
+            "sim_thread_busy_by_worker": [w / figures["seconds"] for w in per_worker],
             "render_ms_per_env_step": None if render is None else 1000 * render / steps}
 
 
