@@ -18,16 +18,18 @@ Modes (any subset; full_fwd_bwd runs first, on the policy before adapters are at
   full_fwd_bwd  every parameter trainable (as the learner without LoRA), forward and backward of the
                 same micro-batches and loss with plain autograd, no optimiser: at 7B the fp32 master
                 weights and Adam state (~16 bytes a parameter) fit no single GPU
-  full_offload  LearnerEngine.grpo_minibatch training every parameter with learner.offload_optimizer
-                (ZeRO-2's fp32 partition and Adam's state in host memory, the step on the CPU): the
-                whole full-parameter step on one GPU; not with lora or merge in the same run
+  full          LearnerEngine.grpo_minibatch training every parameter, the fp32 master weights and
+                Adam's state on the device: ~16 bytes a parameter (112 GiB at 7.54 B), so at 7B an
+                H200 (141 GB) and not an 80 GB card; not with lora, merge or full_offload in the same run
+  full_offload  the same with learner.offload_optimizer (ZeRO-2's fp32 partition and Adam's state in
+                host memory, the step on the CPU); not with lora, merge or full in the same run
   merge         merged_tensors (learner/lora.py) over the whole model on the device, and
                 LearnerEngine.weights() (merged, copied to host: the object-store sync's payload)
 Tokens per sample: the length of the sequence the language model runs, read from its input during a
 forward (BOS + patches + prompt + action placeholders + </s>). Useful FLOPs per sample, from the Linear
 and conv weights W of each part over the tokens through it (scripts/bench_inference.py's 2 x W x tokens):
   forward       F = 2 x W x tokens over the towers, projector, LM blocks and the 256 action rows of the head
-  full_fwd_bwd  3 F (activation and weight gradients of every layer: 6 x N x tokens); full_offload too
+  full_fwd_bwd  3 F (activation and weight gradients of every layer: 6 x N x tokens); full and full_offload too
   lora          F + 2 x W_lm x L (activation gradients through the LM blocks, adapters included; the
                 frozen towers and projector get none) + 2 x W_adapters x L + 4 x 256 x H x A (action
                 head) [+ 2 x W_projector x patches when learner.lora.trainable lists the projector]
@@ -61,7 +63,8 @@ from learner.lora import is_adapter, merged_tensors  # noqa: E402
 from policy.checkpoint import build_policy  # noqa: E402
 from scripts.bench_inference import INSTRUCTIONS, estimated_flops, peak_flops, sync  # noqa: E402
 
-MODES = ("lora", "full_fwd_bwd", "full_offload", "merge")
+MODES = ("lora", "full_fwd_bwd", "full", "full_offload", "merge")
+FULL = ("full", "full_offload")  # every parameter trains: one of them per process, without lora and merge
 FLOPS_FORMULA = {
     "forward": "F = 2 x Linear/conv weights x tokens through them (towers over patches, projector over patches, "
                "LM blocks over L, the head's 256 action rows over A)",
@@ -88,8 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.out = Path(os.environ["OUT"]) / "bench_learner.json" if os.environ.get("OUT") else Path("runs/bench_learner.json")
     if unknown := set(args.modes) - set(MODES):
         p.error(f"--modes: unknown {sorted(unknown)}; known: {','.join(MODES)}")
-    if "full_offload" in args.modes and {"lora", "merge"} & set(args.modes):
-        p.error("--modes: full_offload trains every parameter of the policy; run lora and merge in another process")
+    full = [m for m in FULL if m in args.modes]
+    if full and ({"lora", "merge"} & set(args.modes) or len(full) > 1):
+        p.error(f"--modes: {full[0]} trains every parameter of the policy; run {', '.join(full[1:] or ['lora and merge'])} "
+                "in another process")
     if args.samples < 1 or args.traj_chunks < 1 or args.iters < 1 or args.warmup < 0:
         p.error("--samples, --traj-chunks and --iters must be positive, --warmup at least 0")
     if not Path(args.config).is_file() and (ROOT / args.config).is_file():
@@ -213,13 +218,16 @@ def lora_engine(policy, args):
     return LearnerEngine(policy, lc, lc.lr, lc.micro_batch_chunks), lc.lora
 
 
-def offload_engine(policy, args):
-    """Every parameter trained (no LoRA) with learner.offload_optimizer: ZeRO-2's fp32 partition and
-    Adam's state in host memory."""
+def full_engine(policy, args, offload: bool):
+    """Every parameter trained (no LoRA): the fp32 master weights and Adam's state on the device
+    (~16 bytes a parameter in all), or with learner.offload_optimizer in host memory (ZeRO-2's fp32
+    partition)."""
     from learner.engine import LearnerEngine
 
-    lc = args.cfg.learner.model_copy(update={"lora": None, "offload_optimizer": True,
-                                             "zero_stage": args.cfg.learner.zero_stage or 2})
+    update = {"lora": None, "offload_optimizer": offload}
+    if offload:
+        update["zero_stage"] = args.cfg.learner.zero_stage or 2
+    lc = args.cfg.learner.model_copy(update=update)
     return LearnerEngine(policy, lc, lc.lr, lc.micro_batch_chunks)
 
 
@@ -313,11 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "full_fwd_bwd" in args.modes:
         record("full_fwd_bwd", full_fwd_bwd(policy, trajs, old, args, length, peak))
-    if "full_offload" in args.modes:
-        memory_reset(policy.device)
-        engine = offload_engine(policy, args)
-        flops = useful_flops(policy, "full_fwd_bwd", length, None)
-        record("full_offload", engine_step(engine, policy, trajs, old, args, length, flops, peak))
+    for mode in FULL:
+        if mode in args.modes:
+            memory_reset(policy.device)
+            engine = full_engine(policy, args, offload=mode == "full_offload")
+            flops = useful_flops(policy, "full_fwd_bwd", length, None)
+            record(mode, engine_step(engine, policy, trajs, old, args, length, flops, peak))
     if {"lora", "merge"} & set(args.modes):
         for p in policy.model.parameters():
             p.requires_grad_(False)  # the LoRA engine decides what trains

@@ -6,8 +6,8 @@
 #
 # Checks (CHECKS, comma-separated, in this order; default all):
 #   learner   scripts/bench_learner.py, configs/oft7b.yaml: full-parameter forward+backward, a full-parameter
-#             step with the optimizer offloaded, then a LoRA GRPO mini-batch and the merge (a process each:
-#             an OOM in one cannot take the others with it)
+#             GRPO step with the optimizer on the GPU (an H200's memory), then a LoRA GRPO mini-batch and
+#             the merge (a process each: an OOM in one cannot take the others with it)
 #   devices   scripts/check_learner_devices.py: the demo's policy, a few GRPO steps on cpu and on cuda
 #   step      scripts/bench_grpo_step.py, configs/gpu_1x16.yaml + LoRA: whole GRPO steps on LIBERO-Spatial
 #   step_overlap  the same with rollout.max_policy_lag=1: rollout beside the learner's update
@@ -44,9 +44,11 @@ check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes f
 # twice the micro-batch: larger matmuls, ~17 GiB more activations (a process of its own: an OOM ends only it)
 check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes full_fwd_bwd --samples 32 \
   --iters 3 --warmup 1 --out "$OUT/learner_full16.json" learner.micro_batch_chunks=16
-# every parameter trained on the one GPU: ZeRO-2 with the fp32 partition and Adam's state in host memory (~90 GB)
-check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes full_offload --samples 16 \
-  --iters 2 --warmup 1 --out "$OUT/learner_offload.json" learner.micro_batch_chunks=8
+# every parameter trained on the one GPU, the fp32 master weights and Adam's state beside the model (~16 bytes a
+# weight, 112 GiB at 7.54 B): an H200 holds it (kind nvidia-h200), an 80 GB card runs out of memory. The same with
+# learner.offload_optimizer (--modes full_offload) needs ~112 GiB of host memory: more than the 128 GB box has free
+check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes full --samples 16 \
+  --iters 2 --warmup 1 --out "$OUT/learner_full_step.json" learner.micro_batch_chunks=8 learner.gradient_checkpointing=true
 check learner $PY scripts/bench_learner.py --config configs/oft7b.yaml --modes lora,merge --samples 64 \
   --iters 2 --warmup 1 --out "$OUT/learner_lora.json" learner.micro_batch_chunks=16 learner.lora.rank=32
 check devices $PY scripts/check_learner_devices.py --config configs/demo.yaml --devices cpu,cuda --steps 4 \

@@ -56,6 +56,20 @@ def test_bench_learner_times_a_full_parameter_step_with_the_optimizer_offloaded(
     assert offload["trainable_params"] == full["trainable_params"]
     assert offload["useful_tflops_per_sample"] == full["useful_tflops_per_sample"]
     assert offload["grad_norm"] > 0 and 0 < offload["optimizer_step_s"] < offload["seconds"]
+    # the optimizer on the device: the same step from the same weights and mini-batch
+    on_device = tmp_path / "on_device.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_learner.py"), "--config", "configs/tiny.yaml", "--device", "cpu",
+         "--modes", "full", "--samples", "3", "--traj-chunks", "2", "--iters", "1", "--warmup", "0",
+         "--out", str(on_device), "learner.micro_batch_chunks=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step = json.loads(on_device.read_text())["modes"]["full"]
+    assert step["trainable_params"] == full["trainable_params"] and step["loss"] == pytest.approx(offload["loss"])
+    assert step["grad_norm"] == pytest.approx(offload["grad_norm"], rel=1e-4)
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/bench_learner.py"), "--modes", "full_offload,lora"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "full_offload trains every parameter" in bad.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/bench_learner.py"), "--modes", "full,full_offload"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "run full_offload in another process" in bad.stderr
