@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from actors.env_pool import Episode
 from common.config import RunConfig
+from common.host_state import HostState
 from policy.checkpoint import copy_policy
 
 
@@ -93,7 +94,7 @@ class PolicySelector:
             raise FileNotFoundError(f"checkpoint {checkpoint_folder} records a validated policy (step {step}) "
                                     f"but holds no validated_policy/model.safetensors")
         copy_policy(saved, self.folder)  # the run's own copy may be newer than the checkpoint
-        self.best_weights = ray.put(load_file(str(self.folder / "model.safetensors")))
+        self.best_weights = ray.put(HostState(load_file(str(self.folder / "model.safetensors"))))
 
     def save_into(self, checkpoint_folder: Path) -> None:
         if self.best is not None:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import LearnerConfig
+from common.host_state import HostState
 from common.records import Trajectory
 from learner.chunk_samples import ChunkSamples, micro_batches
 from learner.grpo import grpo_chunk_loss, sft_loss
@@ -235,10 +236,11 @@ class LearnerEngine:
             norm = self._stage0_grad_norm
         return float(norm) if norm is not None else float("nan")
 
-    def weights(self) -> dict[str, torch.Tensor]:
+    def weights(self) -> HostState:
         """Full weights on CPU in the policy's layout, LoRA adapters merged (learner/lora.py); ZeRO-1/2
-        keep parameters replicated, so any rank has them."""
-        return {k: v.to("cpu", copy=True) for k, v in merged_tensors(self.engine.module)}
+        keep parameters replicated, so any rank has them. A HostState: the object store takes it
+        without pickling the tensors' bytes (common/host_state.py)."""
+        return HostState({k: v.to("cpu", copy=True) for k, v in merged_tensors(self.engine.module)})
 
     def save(self, folder: str, client_state: dict) -> None:
         self.engine.save_checkpoint(folder, tag="deepspeed", client_state=client_state)
