@@ -66,8 +66,9 @@ check step_overlap $PY scripts/bench_grpo_step.py --config configs/gpu_1x16.yaml
   learner.lora.rank=32 learner.weight_sync=cuda_ipc learner.mini_batch_size=16 learner.micro_batch_chunks=16 \
   rollout.groups_per_batch=6 env.max_steps=128 learner.gradient_checkpointing=false rollout.max_policy_lag=1 \
   $(reuse) ${STEP_ENV:-}
+# object_store first: its syncs include the store copy (~30 s at 7B), so it is the one a short LIMIT_S cuts
 check sync $PY scripts/bench_weight_sync.py configs/oft7b.yaml --replicas 1 --syncs ${SYNCS:-3} \
-  --backends cuda_ipc,object_store --json "$OUT/sync.json" learner.lora.rank=32 cluster.replica_gpus=0.5 \
+  --backends object_store,cuda_ipc --json "$OUT/sync.json" learner.lora.rank=32 cluster.replica_gpus=0.5 \
   cluster.learner_gpus=0.5 cluster.num_env_workers=1 cluster.envs_per_worker=1 $(reuse)
 check demo_step $PY scripts/bench_grpo_step.py --config configs/demo.yaml --steps 4 --out "$OUT/demo_step.json" \
   policy.unnorm_key=tabletop_pretrain "learner.loss_terms={}" policy.device=cuda cluster.replica_gpus=0.5 \
