@@ -193,7 +193,8 @@ def print_summary(result: dict) -> None:
             spread = r["sim_thread_busy_by_worker"]
             print(f"{labels[key]:>14} sim threads: {r['sim_thread_ms_per_env_step']:.2f} ms/step, "
                   f"{100 * r['sim_thread_busy_fraction']:.0f} % busy (workers {100 * min(spread):.0f}-{100 * max(spread):.0f} %); "
-                  f"renders {render} ms/step")
+                  f"renders {render} ms/step; host memory {r['host_memory']['used_gib']:.0f} of "
+                  f"{r['host_memory']['total_gib']:.0f} GiB in use")
     for name, t in result["targets"].items():
         value = "not measured" if t["value"] is None else f"{t['value']:.2f} ({'met' if t['met'] else 'NOT met'})"
         print(f"target {name} >= {t['target']:g}: {value}")

@@ -1,6 +1,6 @@
 """What one benchmark phase costs the machine: wall time, the CPU time of every process on it
-(psutil; run the benchmark alone), split by role (Ray actor class, or program name), and the GPU's
-utilisation, sampled while the phase runs.
+(psutil; run the benchmark alone), split by role (Ray actor class, or program name), the GPU's
+utilisation, sampled while the phase runs, and the host memory in use at its end.
 
 GPU utilisation is NVML's `utilization.gpu` (the share of the last sample period in which any
 kernel ran), read through pynvml where it imports, else from `nvidia-smi --loop-ms` in a subprocess;
@@ -132,6 +132,8 @@ class PhaseMeter:
         self.busy = busy_seconds() - self.busy
         self.by_role = cpu_by_role(self.processes, cpu_by_process())
         self.gpu_util = self.gpu.stop()
+        memory = psutil.virtual_memory()  # every role still up: what more envs or workers would add to
+        self.host_memory = {"used_gib": (memory.total - memory.available) / 2**30, "total_gib": memory.total / 2**30}
 
     def figures(self, env_steps: int) -> dict:
         return {"env_steps": env_steps, "seconds": self.seconds, "env_steps_per_s": env_steps / self.seconds,
@@ -141,4 +143,4 @@ class PhaseMeter:
                 "cpu_ms_per_env_step_by_role": {name: 1000 * sec / max(env_steps, 1)
                                                 for name, sec in self.by_role.most_common()
                                                 if 1000 * sec / max(env_steps, 1) >= 0.05},
-                "gpu_util": self.gpu_util}
+                "gpu_util": self.gpu_util, "host_memory": self.host_memory}

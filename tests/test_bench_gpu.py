@@ -43,6 +43,7 @@ def test_bench_gpu_reports_every_phase_on_the_cpu(tmp_path):
         assert r["sim_thread_ms_per_env_step"] > 0 and 0 < r["sim_thread_busy_fraction"] <= 1.05, (phase, r)
         assert r["sim_thread_busy_by_worker"] == [pytest.approx(r["sim_thread_busy_fraction"])]  # one worker
         assert r["render_ms_per_env_step"] is None
+        assert 0 < r["host_memory"]["used_gib"] < r["host_memory"]["total_gib"]
     # sim: the same whole episodes as ours, one per slot
     assert result["sim"]["episodes"] == SLOTS and result["sim"]["env_steps"] <= SLOTS * MAX_STEPS
     assert result["sim"]["mean_inference_batch"] is None
