@@ -75,6 +75,22 @@ def sim_clocks(workers: list) -> list[dict]:
     return ray.get([w.sim_seconds.remote() for w in workers], timeout=60)
 
 
+class RolloutMeter(PhaseMeter):
+    """A PhaseMeter that also reads the workers' sim-thread clocks before the phase, so that its
+    figures carry sim_thread_figures."""
+
+    def __init__(self, workers: list):
+        self.workers = workers
+
+    def __enter__(self) -> "RolloutMeter":
+        self.clocks = sim_clocks(self.workers)
+        return super().__enter__()
+
+    def figures(self, env_steps: int) -> dict:
+        figures = super().figures(env_steps)
+        return {**figures, **sim_thread_figures(self.workers, self.clocks, figures)}
+
+
 def sim_thread_figures(workers: list, before: list[dict], figures: dict) -> dict:
     """What the workers' sim threads did over the timed part: wall ms inside env calls per env step
     (against the sim phase's: waiting for a core or for the GPU), the share of the wall time they
@@ -97,11 +113,11 @@ def measure_ours(rollout: Rollout, cfg: RunConfig, requests: list, rounds: int) 
     # warm-up: one episode per slot, so that every env has built its task's scene (LIBERO: a whole robosuite
     # env, seconds) before the timed rounds, as the sim and lock-step phases' envs have
     rollout.pool.run_all(episodes(requests), TIMEOUT_S)
-    before, clocks = replica_stats(rollout.handle), sim_clocks(rollout.pool.workers)
-    with PhaseMeter() as meter:
+    before = replica_stats(rollout.handle)
+    with RolloutMeter(rollout.pool.workers) as meter:
         done = rollout.pool.run_all(episodes(requests * rounds), TIMEOUT_S)
-    after, figures = replica_stats(rollout.handle), meter.figures(sum(d.meta.env_steps for d in done))
-    return {**figures, **sim_thread_figures(rollout.pool.workers, clocks, figures), "episodes": len(done),
+    after = replica_stats(rollout.handle)
+    return {**meter.figures(sum(d.meta.env_steps for d in done)), "episodes": len(done),
             "mean_inference_batch": mean_batch(before, after)}
 
 
@@ -130,11 +146,11 @@ def lockstep_round(handle, workers: list, parts: list[list], cfg: RunConfig, ste
 def measure_lockstep(handle, workers: list, cfg: RunConfig, requests: list, rounds: int) -> dict:
     parts = shards(requests, cfg.cluster.envs_per_worker)
     lockstep_round(handle, workers, parts, cfg, steps=cfg.policy.action_chunk)  # warm-up: one step at full batch
-    before, clocks = replica_stats(handle), sim_clocks(workers)
-    with PhaseMeter() as meter:
+    before = replica_stats(handle)
+    with RolloutMeter(workers) as meter:
         out = [lockstep_round(handle, workers, parts, cfg) for _ in range(rounds)]
-    after, figures = replica_stats(handle), meter.figures(sum(o["env_steps"] for o in out))
-    return {**figures, **sim_thread_figures(workers, clocks, figures), "queries": sum(o["queries"] for o in out),
+    after = replica_stats(handle)
+    return {**meter.figures(sum(o["env_steps"] for o in out)), "queries": sum(o["queries"] for o in out),
             "mean_inference_batch": mean_batch(before, after)}
 
 
@@ -145,11 +161,9 @@ def measure_sim(workers: list, cfg: RunConfig, requests: list, rounds: int, warm
     parts, chunk = shards(requests, cfg.cluster.envs_per_worker), cfg.policy.action_chunk
     # warm-up: every env builds its task's scene (LIBERO: seconds), as in the other phases
     ray.get([w.run_random.remote(p, chunk, seconds=warmup_s) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
-    clocks = sim_clocks(workers)
-    with PhaseMeter() as meter:
+    with RolloutMeter(workers) as meter:
         out = ray.get([w.run_random.remote(p, chunk, episodes=rounds) for w, p in zip(workers, parts)], timeout=TIMEOUT_S)
-    figures = meter.figures(sum(o["env_steps"] for o in out))
-    return {**figures, **sim_thread_figures(workers, clocks, figures), "episodes": sum(o["episodes"] for o in out),
+    return {**meter.figures(sum(o["env_steps"] for o in out)), "episodes": sum(o["episodes"] for o in out),
             "mean_inference_batch": None}
 
 

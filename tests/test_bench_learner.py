@@ -12,16 +12,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(tmp_path: Path, modes: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """scripts/bench_learner.py on the tiny config on the CPU: a mini-batch of 3 chunks, one timed iteration."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_learner.py"), "--config", "configs/tiny.yaml", "--device", "cpu",
+         "--modes", modes, "--samples", "3", "--traj-chunks", "2", "--iters", "1", "--warmup", "0",
+         "--out", str(out), "learner.micro_batch_chunks=2", *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
 def test_bench_learner_reports_every_mode_on_the_cpu(tmp_path, tiny_policy):
     from scripts.bench_inference import INSTRUCTIONS
 
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/bench_learner.py"), "--config", "configs/tiny.yaml", "--device", "cpu",
-         "--modes", "lora,full_fwd_bwd,merge", "--samples", "3", "--traj-chunks", "2", "--iters", "1", "--warmup", "0",
-         "--out", str(out), "learner.micro_batch_chunks=2", "learner.gradient_checkpointing=true",
-         "learner.lora={rank: 8}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = _bench(tmp_path, "lora,full_fwd_bwd,merge", out, "learner.gradient_checkpointing=true", "learner.lora={rank: 8}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     cfg = tiny_policy.model.config
@@ -46,11 +50,7 @@ def test_bench_learner_reports_every_mode_on_the_cpu(tmp_path, tiny_policy):
 
 def test_bench_learner_times_a_full_parameter_step_with_the_optimizer_offloaded(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/bench_learner.py"), "--config", "configs/tiny.yaml", "--device", "cpu",
-         "--modes", "full_fwd_bwd,full_offload", "--samples", "3", "--traj-chunks", "2", "--iters", "1", "--warmup", "0",
-         "--out", str(out), "learner.micro_batch_chunks=2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = _bench(tmp_path, "full_fwd_bwd,full_offload", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     full, offload = (json.loads(out.read_text())["modes"][m] for m in ("full_fwd_bwd", "full_offload"))
     assert offload["trainable_params"] == full["trainable_params"]
@@ -58,11 +58,7 @@ def test_bench_learner_times_a_full_parameter_step_with_the_optimizer_offloaded(
     assert offload["grad_norm"] > 0 and 0 < offload["optimizer_step_s"] < offload["seconds"]
     # the optimizer on the device: the same step from the same weights and mini-batch
     on_device = tmp_path / "on_device.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/bench_learner.py"), "--config", "configs/tiny.yaml", "--device", "cpu",
-         "--modes", "full", "--samples", "3", "--traj-chunks", "2", "--iters", "1", "--warmup", "0",
-         "--out", str(on_device), "learner.micro_batch_chunks=2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = _bench(tmp_path, "full", on_device)
     assert proc.returncode == 0, proc.stderr[-3000:]
     step = json.loads(on_device.read_text())["modes"]["full"]
     assert step["trainable_params"] == full["trainable_params"] and step["loss"] == pytest.approx(offload["loss"])
