@@ -79,7 +79,10 @@ class VLAPolicy:
         return torch.tensor(np.clip(x, -1.5, 1.5), dtype=torch.float32, device=self.device)
 
     def use_cuda_graphs(self, max_batch: int) -> None:
-        """Inference forwards (no autograd) replay bucketed CUDA graphs from now on (policy/cuda_graphs.py)."""
+        """Inference forwards (no autograd) replay bucketed CUDA graphs from now on (policy/cuda_graphs.py),
+        where the policy is on a CUDA device; elsewhere they stay eager."""
+        if self.device.type != "cuda":
+            return
         from policy.cuda_graphs import GraphedActionLogits
 
         self.graphed = GraphedActionLogits(self.model, max_batch)

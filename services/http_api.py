@@ -72,7 +72,7 @@ class PolicyHTTPDeployment:
         self.policy = load_policy(policy_path, unnorm_key=self.args.unnorm_key, dtype=self.args.dtype, policy=self.args.policy,
                                   device=actor_device(self.args.policy))  # Ray hides GPUs unless num_gpus > 0
         self.policy.model.eval()
-        if self.args.policy is not None and self.args.policy.cuda_graphs and self.policy.device.type == "cuda":
+        if self.args.policy is not None and self.args.policy.cuda_graphs:
             self.policy.use_cuda_graphs(self.args.max_batch_size)  # a lone robot's batch-1 latency: launch-bound eager
         replica = serve.get_replica_context().replica_id.unique_id.encode()
         self.generator = torch.Generator(device=self.policy.device).manual_seed(self.args.seed * 1_000_003 + zlib.crc32(replica))

@@ -47,7 +47,7 @@ class PolicyDeployment:
         self.policy.model.eval()
         if cfg.compile:  # compiles lazily, once per batch shape, on the first requests
             self.policy.model.compile_blocks()
-        if cfg.cuda_graphs and self.policy.device.type == "cuda":  # captured lazily, once per batch shape
+        if cfg.cuda_graphs:  # on a GPU replica; captured lazily, once per batch shape
             self.policy.use_cuda_graphs(max_batch_size)
         self.version = version
         self.weights_id: str | None = None  # which published weights this replica's equal (a sync's id)

@@ -84,3 +84,9 @@ def test_graphs_need_gpu_replicas():
     with pytest.raises(ValueError, match=r"policy.cuda_graphs needs GPU replicas: set cluster.replica_gpus"):
         RunConfig.model_validate({"policy": {"cuda_graphs": True}, "cluster": {"replica_gpus": 0}})
     RunConfig.model_validate({"policy": {"cuda_graphs": True}, "cluster": {"replica_gpus": 0.5}})
+
+
+def test_a_policy_off_the_gpu_stays_eager(tiny_policy):
+    """use_cuda_graphs decides by the policy's device: a CPU replica or HTTP server asked for graphs runs eager."""
+    tiny_policy.use_cuda_graphs(8)
+    assert tiny_policy.graphed is None
